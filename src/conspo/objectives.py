@@ -170,9 +170,22 @@ def _neg_logsumexp(x: Tensor, neg: Tensor, groups: _Groups) -> tuple[Tensor, Ten
     return lse, pi
 
 
-def _group_norm_denominator(groups: _Groups, group_norm: str, dtype: torch.dtype) -> Tensor:
+def _group_norm_denominator(
+    groups: _Groups, group_norm: str, dtype: torch.dtype, normalizer: float | Tensor | None
+) -> Tensor:
+    if normalizer is not None:
+        # The caller counted the groups over the whole optimizer-step batch (micro-batching, several ranks).
+        value = torch.as_tensor(normalizer, dtype=dtype, device=groups.index.device)
+        return value.detach().clamp(min=1.0)
     count = groups.valid if group_norm == "valid" else groups.present
     return count.sum().to(dtype).clamp(min=1.0)
+
+
+def _check_normalizer(normalizer: float | Tensor | None) -> None:
+    if normalizer is None or isinstance(normalizer, Tensor):
+        return
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not normalizer >= 0:
+        raise ValueError(f"normalizer must be None or a number >= 0 (a group count), got {normalizer!r}")
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -216,6 +229,7 @@ def conspo_loss(
     margin: float = 0.0,
     neg_reduce: str = "sum",
     group_norm: str = "valid",
+    normalizer: float | Tensor | None = None,
 ) -> LossOutput:
     """ConSPO's group-wise InfoNCE objective on sequence scores (spec section 4).
 
@@ -239,9 +253,13 @@ def conspo_loss(
         margin:    m >= 0 subtracted from each positive's score (see :func:`margin_at`).
         neg_reduce: "sum" (standard InfoNCE) or "mean".
         group_norm: "valid" or "all".
+        normalizer: when this call sees only part of an optimizer-step batch (a micro-batch of whole
+            groups), the number of groups that ``group_norm`` counts over the *whole* batch, so that the
+            micro-batch losses add up to the full-batch loss. Default: count the groups of this call.
     """
     scores, correct, group_ids = _check_group_inputs(scores, correct, group_ids)
     tau = _positive_finite("tau", tau)
+    _check_normalizer(normalizer)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
     _choice("neg_reduce", neg_reduce, NEG_REDUCES)
@@ -257,7 +275,7 @@ def conspo_loss(
 
     z = lse[groups.index] - (s - margin) / tau  # (B,) only meaningful on positives of valid groups
     active = correct & groups.valid[groups.index]
-    denom = _group_norm_denominator(groups, group_norm, dtype)
+    denom = _group_norm_denominator(groups, group_norm, dtype, normalizer)
     weight = torch.where(active, 1.0 / groups.n_pos.clamp(min=1).to(dtype)[groups.index] / denom, 0.0)
     z = torch.where(active, z, 0.0)  # keeps softplus and its gradient finite off the active set
     loss = (weight * tau * torch.nn.functional.softplus(z)).sum()
@@ -284,6 +302,7 @@ def disco_loss(
     tau: float = 10.0,
     variant: str = "dro",
     group_norm: str = "valid",
+    normalizer: float | Tensor | None = None,
 ) -> LossOutput:
     """DisCO's discriminative objective on sequence scores (spec section 7; Li et al., arXiv 2505.12366).
 
@@ -295,9 +314,11 @@ def disco_loss(
     The returned loss is its negative averaged over valid groups (``group_norm="all"``: over all groups),
     the true objective value. Credit: ``+1/|P|/norm`` on positives; ``-1/|N|/norm`` (basic) or
     ``-softmax_N(s/tau)_j/norm`` (dro) on negatives. The KL trust region is :func:`kl_trust_region`.
+    ``normalizer`` is as in :func:`conspo_loss`.
     """
     scores, correct, group_ids = _check_group_inputs(scores, correct, group_ids)
     tau = _positive_finite("tau", tau)
+    _check_normalizer(normalizer)
     _choice("variant", variant, DISCO_VARIANTS)
     _choice("group_norm", group_norm, GROUP_NORMS)
 
@@ -306,7 +327,7 @@ def disco_loss(
     groups = _groups(correct, group_ids)
     neg = ~correct
     valid_row = groups.valid[groups.index]
-    denom = _group_norm_denominator(groups, group_norm, dtype)
+    denom = _group_norm_denominator(groups, group_norm, dtype, normalizer)
     pos_w = torch.where(correct & valid_row, 1.0 / groups.n_pos.clamp(min=1).to(dtype)[groups.index] / denom, 0.0)
     positive_term = (pos_w * s).sum()
     if variant == "basic":
