@@ -1,0 +1,45 @@
+"""Tiny offline fixtures for trainer tests: a character tokenizer and a Qwen2 model built from a config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHARS = list("0123456789+-*= ")
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
+    for ch in CHARS:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+def build_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def save_tiny(path: Path, seed: int = 0) -> Path:
+    tok = build_tokenizer()
+    model = build_model(len(tok), seed=seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def contains_seven(prompts, completions, **kwargs):
+    """A reward that a random policy earns about a third of the time: mixed groups without training."""
+    return [1.0 if "7" in c else 0.0 for c in completions]
