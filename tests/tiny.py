@@ -40,6 +40,7 @@ def save_tiny(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def contains_seven(prompts, completions, **kwargs):
-    """A reward that a random policy earns about a third of the time: mixed groups without training."""
-    return [1.0 if "7" in c else 0.0 for c in completions]
+def odd_digit_parity(prompts, completions, **kwargs):
+    """1 when a completion holds an odd number of odd digits: a random policy earns it about half the
+    time, so groups are mixed without any training."""
+    return [float(sum(ch in "13579" for ch in c) % 2 == 1) for c in completions]
