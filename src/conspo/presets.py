@@ -1,0 +1,55 @@
+"""Named methods: ConSPO, DisCO and the GRPO-family baselines as TRL configurations (spec section 8).
+
+A comparison changes one word::
+
+    config = preset_config("dapo", output_dir="runs/dapo", max_steps=100)
+    trainer = ConSPOTrainer(model, reward_funcs=[verifier, *preset_reward_funcs("dapo", config)], args=config, ...)
+
+The baselines run TRL's own loss (``objective="trl"``); ConSPOTrainer adds only the shared diagnostics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+METHODS = ("conspo", "disco", "grpo", "dr_grpo", "dapo", "gspo", "cispo")
+
+# The settings each method fixes. Anything passed to preset_config overrides them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "conspo": dict(objective="conspo"),
+    "disco": dict(objective="disco"),
+    "grpo": dict(objective="trl", loss_type="grpo", epsilon=0.2, scale_rewards="group", beta=0.0),
+    "dr_grpo": dict(objective="trl", loss_type="dr_grpo", scale_rewards="none", beta=0.0),
+    "dapo": dict(objective="trl", loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
+                 mask_truncated_completions=True, beta=0.0),
+    "gspo": dict(objective="trl", importance_sampling_level="sequence", loss_type="grpo", epsilon=3e-4,
+                 epsilon_high=4e-4, beta=0.0),
+    "cispo": dict(objective="trl", loss_type="cispo", beta=0.0),
+}
+
+# DAPO's soft overlong punishment: the last quarter of the completion budget is penalised linearly.
+DAPO_OVERLONG_CACHE_FRACTION = 0.25
+
+
+def preset_config(method: str, **overrides: Any):
+    """A ``ConSPOConfig`` (a TRL ``GRPOConfig``) for ``method`` with ``overrides`` applied on top."""
+    if method not in PRESETS:
+        raise ValueError(f"unknown method {method!r}; accepted values: {', '.join(METHODS)}")
+    from conspo.trainer import ConSPOConfig
+
+    return ConSPOConfig(**{**PRESETS[method], **overrides})
+
+
+def preset_reward_funcs(method: str, config) -> list[Callable]:
+    """Extra reward functions a method adds to the task's verifier (DAPO: soft overlong punishment)."""
+    if method not in PRESETS:
+        raise ValueError(f"unknown method {method!r}; accepted values: {', '.join(METHODS)}")
+    if method != "dapo":
+        return []
+    from trl.rewards import get_soft_overlong_punishment
+
+    cache = max(1, int(config.max_completion_length * DAPO_OVERLONG_CACHE_FRACTION))
+    punishment = get_soft_overlong_punishment(config.max_completion_length, cache)
+    punishment.__name__ = "soft_overlong_punishment"
+    return [punishment]
