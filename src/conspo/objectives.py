@@ -278,7 +278,9 @@ def conspo_loss(
     denom = _group_norm_denominator(groups, group_norm, dtype, normalizer)
     weight = torch.where(active, 1.0 / groups.n_pos.clamp(min=1).to(dtype)[groups.index] / denom, 0.0)
     z = torch.where(active, z, 0.0)  # keeps softplus and its gradient finite off the active set
-    loss = (weight * tau * torch.nn.functional.softplus(z)).sum()
+    # threshold=40, not torch's default 20: above the threshold softplus returns z and its gradient 1,
+    # which in float64 is off by e^-20 ~ 2e-9 (relative) from log(1+e^z) and sigmoid(z), the credit.
+    loss = (weight * tau * torch.nn.functional.softplus(z, threshold=40.0)).sum()
 
     with torch.no_grad():
         gate = torch.sigmoid(z)  # g_i = 1 - q_i
