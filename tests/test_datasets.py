@@ -234,13 +234,19 @@ def test_get_task_from_a_path(tmp_path):
     assert (len(task.train), len(task.test)) == (8, 2)
     with pytest.raises(DatasetError, match="no such file"):
         get_task(str(tmp_path / "absent.jsonl"))
+    with pytest.raises(ValueError, match=r"has no option \['size'\]; accepted: \['question_field'"):
+        get_task(str(path), size=5)
 
 
 def test_get_task_builtin_lookup(monkeypatch):
     made = []
     monkeypatch.setitem(registry.BUILTIN_TASKS, "fake", lambda **options: made.append(options) or "task")
     monkeypatch.setitem(registry.BUILTIN_TASKS, "missing", "conspo.tasks.no_such_module:make_task")
+    monkeypatch.setitem(registry.BUILTIN_TASKS, "strict", lambda *, size=1: size)
     assert get_task("fake", size=3) == "task" and made == [{"size": 3}]
+    assert get_task("strict", size=2) == 2
+    with pytest.raises(ValueError, match=r"built-in task 'strict' has no option \['n'\]; accepted: \['size'\]"):
+        get_task("strict", n=2)
     with pytest.raises(ValueError, match="built-in task 'missing' is not available"):
         get_task("missing")
     with pytest.raises(ValueError, match=r"unknown task 'fak'; accepted: a built-in name \[.*'fake'.*\].*"

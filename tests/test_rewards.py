@@ -171,6 +171,9 @@ NUMERIC_CASES = [
     ("\\boxed{1.0000000001}", "1", {}, 1.0, "match"),  # within the default abs_tol
     (f"\\boxed{{{BIG}}}", BIG, {}, 1.0, "match"),  # 10**5000, exact
     (f"\\boxed{{{BIG[:-1]}1}}", BIG, {}, 0.0, "mismatch"),  # 10**5000 + 1
+    (f"\\boxed{{1/{BIG}}}", f"1/{BIG}", {}, 1.0, "match"),  # a 5001-digit denominator
+    (f"\\boxed{{1/{BIG}}}", "0", {}, 1.0, "match"),  # 10**-5000 is within the default abs_tol of 0
+    (f"\\boxed{{1/{BIG}}}", "0", {"abs_tol": 0.0}, 0.0, "mismatch"),
     ("\\boxed{1e400}", "1e400", {}, 1.0, "match"),  # beyond float range: no overflow
     ("\\boxed{1e400}", "1e401", {}, 0.0, "mismatch"),
     ("\\boxed{1e999999999}", "1", {}, 0.0, "too_long"),  # would be a billion-digit integer
@@ -447,3 +450,24 @@ def test_reasoning_gym_verifier_scores_and_never_evals():
     assert verify("", gold).reason == "no_answer"
     with pytest.raises(ValueError, match="encoded entry"):
         verify("<answer>1</answer>", entry["answer"])
+
+
+ADVERSARIAL_ALPHABET = list("\\boxed{}#Answer:0123456789 -,./$^_()[]e\n\u2212\u202f\u00a0") + ["\\frac", "\\sqrt", "10^{"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(ADVERSARIAL_ALPHABET), max_size=60).map("".join),
+       st.lists(st.sampled_from(ADVERSARIAL_ALPHABET), max_size=20).map("".join))
+def test_string_verifiers_never_raise(completion, gold):
+    for verifier in (numeric_match, exact_match):
+        result = verifier(completion, gold)
+        assert result.score in (0.0, 1.0) and isinstance(result.reason, str)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from(ADVERSARIAL_ALPHABET), max_size=40).map("".join))
+def test_math_verify_never_raises_and_stays_bounded(completion):
+    start = time.perf_counter()
+    result = math_verify_match(completion, "\\frac{1}{2}", timeout_s=0.5)
+    assert result.score in (0.0, 1.0)
+    assert time.perf_counter() - start < 1.5

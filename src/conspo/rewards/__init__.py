@@ -79,7 +79,7 @@ def make_reward_func(
         reasons: list[str] = []
         for index, (completion, gold) in enumerate(zip(completions, answer)):
             try:
-                result = verifier(completion_text(completion), gold)
+                result = verifier(completion_text(completion), "" if gold is None else str(gold))
             except Exception:
                 if strict:
                     raise

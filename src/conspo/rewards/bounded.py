@@ -146,6 +146,11 @@ class _Worker:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:  # a broken pipe may fail to flush on close
+                pass
 
 
 _idle: dict[tuple[str, ...], list[_Worker]] = {}  # idle workers by the modules they preloaded
@@ -207,7 +212,9 @@ def call_with_timeout(
             logger.warning("no setitimer on this platform: verifier calls run without a time bound")
             _warned_unbounded = True
         return fn(*args)
-    if not isolate and threading.current_thread() is threading.main_thread():
+    # A SIGALRM handler installed outside Python (getsignal gives None) could not be restored: use a worker.
+    main = threading.current_thread() is threading.main_thread()
+    if not isolate and main and signal.getsignal(signal.SIGALRM) is not None:
         return _run_with_timer(fn, args, timeout_s)
     return _run_in_worker(fn, args, timeout_s, preload)
 

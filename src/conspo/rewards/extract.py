@@ -39,25 +39,25 @@ _UNICODE_SPACES = dict.fromkeys(map(ord, "\u00a0\u1680\u2000\u2001\u2002\u2003\u
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"), None)
 _TRANSLATION = {**_UNICODE_MINUS, **_UNICODE_SPACES, **_ZERO_WIDTH}
 
-# A number token, as found in prose. Alternatives are tried left to right at each position; none can
-# backtrack more than a constant amount, so a scan is linear in the text length.
+# A number token, as found in prose (ASCII digits only: compiled with re.ASCII). Alternatives are tried left
+# to right at each position; none can backtrack more than a constant amount, so a scan is linear in the text.
 NUMBER_PATTERN = (
     r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:/\d+)?(?!,?\d)"
     r"|-?\.\d+"
 )
-_NUMBER_RE = re.compile(r"(?<![\w.])(?:" + NUMBER_PATTERN + r")")
+_NUMBER_RE = re.compile(r"(?<![\w.])(?:" + NUMBER_PATTERN + r")", re.ASCII)
 _HASH_RE = re.compile(r"####")
 _LABEL_RE = re.compile(r"(?:final[ \t]+)?answer[ \t]*(?:\*\*)?[ \t]*[:：]", re.IGNORECASE)
-_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:(?:,|\{,\}|\\,| )\d{3})+(?:\.\d+)?")
-_LEADING_NUMBER_CHARS = re.compile(r"[\d.,]*")
-_DIGIT_GROUP_SPACE_RE = re.compile(r"(?<=\d)[\u2009\u202f](?=\d{3}(?!\d))")
+_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:(?:,|\{,\}|\\,| )\d{3})+(?:\.\d+)?", re.ASCII)
+_LEADING_NUMBER_CHARS = re.compile(r"[\d.,]*", re.ASCII)
+_DIGIT_GROUP_SPACE_RE = re.compile(r"(?<=\d)[\u2009\u202f](?=\d{3}(?!\d))", re.ASCII)
 
 Fallback = Literal["number", "line", "none"]
 
 
 def normalize_text(text: str) -> str:
     """Map unicode minus signs to ``-``, drop a thin or narrow no-break space used as a digit-group
-    separator (``1\u202f234`` -> ``1234``), map other unicode spaces to a space, drop zero-width characters."""
+    separator (``1\\u202f234`` -> ``1234``), map other unicode spaces to a space, drop zero-width characters."""
     if "\u2009" in text or "\u202f" in text:
         text = _DIGIT_GROUP_SPACE_RE.sub("", text)
     return text.translate(_TRANSLATION)

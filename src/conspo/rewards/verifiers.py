@@ -29,11 +29,11 @@ MAX_DIGITS = 10_000
 MAX_ANSWER_CHARS = 1_000
 """Answers longer than this are not handed to math-verify (only compared as strings)."""
 
-_NUMBER_RE = re.compile(NUMBER_PATTERN)
-_PLAIN_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
-_FRAC_RE = re.compile(r"(-?)\\[dt]?frac\s*(?:\{\s*(-?\d+)\s*\}|(\d))\s*(?:\{\s*(-?\d+)\s*\}|(\d))")
+_NUMBER_RE = re.compile(NUMBER_PATTERN, re.ASCII)
+_PLAIN_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?", re.ASCII)
+_FRAC_RE = re.compile(r"(-?)\\[dt]?frac\s*(?:\{\s*(-?\d+)\s*\}|(\d))\s*(?:\{\s*(-?\d+)\s*\}|(\d))", re.ASCII)
 _DECORATION_RE = re.compile(r"\\(?:text|mathrm|mbox|textbf)\s*\{[^{}]*\}|\\[,!;: ]|\\?%|\\?\$|~|\\left|\\right")
-_INT_RE = re.compile(r"-?\d+")
+_INT_RE = re.compile(r"-?\d+", re.ASCII)
 
 
 def _reason_for_missing(how: str) -> str:
@@ -69,9 +69,12 @@ def _to_fraction(token: str, max_digits: int) -> Fraction | str:
         return "too_long"
     result = Fraction(value)
     if slash:
-        if not denominator.isdigit() or int(denominator) == 0:
+        if not denominator.isascii() or not denominator.isdigit():
             return "not_a_number"
-        result /= int(denominator)
+        divisor = int(Decimal(denominator))  # int(str) refuses more than 4300 digits; Decimal does not
+        if divisor == 0:
+            return "not_a_number"
+        result /= divisor
     return result
 
 
@@ -96,7 +99,7 @@ def parse_number(text: str, *, max_digits: int = MAX_DIGITS) -> Fraction | str:
             return "not_a_number"
         return -numerator / denominator if sign else numerator / denominator
     compact = s.replace(" ", "")
-    if _PLAIN_NUMBER_RE.fullmatch(compact.replace(",", "")) or re.fullmatch(r"-?\d+/\d+", compact):
+    if _PLAIN_NUMBER_RE.fullmatch(compact.replace(",", "")) or re.fullmatch(r"-?\d+/\d+", compact, re.ASCII):
         return _to_fraction(compact.lstrip("+"), max_digits)
     tokens = _NUMBER_RE.findall(s)
     if len(tokens) == 1 and sum(c.isdigit() for c in s) == sum(c.isdigit() for c in tokens[0]):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,17 @@ def _resolve_builtin(name: str) -> Callable[..., Task]:
             raise
         raise ValueError(f"built-in task {name!r} is not available in this install ({factory} is missing)") from error
     return getattr(module, attribute)
+
+
+def _call_checked(factory: Callable[..., Task], what: str, *args, **options) -> Task:
+    """``factory(*args, **options)``, with a ValueError listing the accepted options for an unknown one."""
+    parameters = list(inspect.signature(factory).parameters.values())[len(args):]
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        accepted = [p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(f"{what} has no option {unknown}; accepted: {accepted}")
+    return factory(*args, **options)
 
 
 def _unique_by_question(entries: list[dict], exclude: set[str]) -> tuple[list[dict], int]:
@@ -127,12 +139,11 @@ def get_task(spec: str, **options) -> Task:
             raise ValueError(f"{spec!r} names no reasoning-gym task: use {REASONING_GYM_PREFIX}<name>; "
                              f"{_LIST_NAMES_HINT}")
         return reasoning_gym_task(name, **options)
-    if Path(spec).suffix.lower() in EXTENSIONS:
-        return dataset_task(spec, **options)
+    if Path(spec).suffix.lower() in EXTENSIONS or (spec not in BUILTIN_TASKS and Path(spec).is_file()):
+        # (a file with another extension: dataset_task says which extensions are accepted)
+        return _call_checked(dataset_task, f"dataset task {spec!r}", spec, **options)
     if spec in BUILTIN_TASKS:
-        return _resolve_builtin(spec)(**options)
-    if Path(spec).is_file():  # a file with another extension: dataset_task says which are accepted
-        return dataset_task(spec, **options)
+        return _call_checked(_resolve_builtin(spec), f"built-in task {spec!r}", **options)
     close = difflib.get_close_matches(spec, list(BUILTIN_TASKS), n=3)
     hint = f" Did you mean {close}?" if close else ""
     raise ValueError(f"unknown task {spec!r}; accepted: {_accepted(sorted(BUILTIN_TASKS))}.{hint}")
