@@ -26,6 +26,7 @@ from conspo.objectives import (
 F64 = torch.float64
 
 # Group-size layouts: equal groups of several G, mixed sizes in one batch, singletons.
+SEEDS = range(8)
 LAYOUTS = [[4] * 5, [8] * 3, [2, 3, 5, 8, 1], [1, 1, 6, 2], [16, 3], [2] * 6]
 
 
@@ -61,6 +62,19 @@ def make_batch(seed: int, sizes: list[int], *, tokens: int = 6, degenerate: bool
     mask = torch.arange(tokens)[None, :] < lengths[:, None]
     logps = (-torch.rand(b, tokens, generator=gen, dtype=F64) * 2.0).to(dtype)
     return logps, mask, correct, group_ids
+
+
+def test_random_batches_cover_the_cases():
+    """The batches used below do hold empty completions, interleaved groups, valid and degenerate groups."""
+    empty = interleaved = valid = degenerate = 0
+    for seed in SEEDS:
+        _, mask, correct, ids = make_batch(seed, LAYOUTS[seed % len(LAYOUTS)], degenerate=seed % 2 == 0)
+        empty += int((mask.sum(-1) == 0).sum())
+        interleaved += int((ids[1:] != ids[:-1]).sum()) >= len(ref.groups_of(ids))
+        n_valid = len(ref.valid_groups(correct, ids))
+        valid += n_valid
+        degenerate += len(ref.groups_of(ids)) - n_valid
+    assert empty > 0 and interleaved > 0 and valid > 10 and degenerate > 5
 
 
 def close(a, b, *, rtol=1e-10, atol=1e-12, msg=""):
@@ -114,9 +128,6 @@ def test_spec_reference_table(margin, loss, grad, dtype):
 # --------------------------------------------------------------------------------------------------
 # ConSPO and DisCO against the reference
 # --------------------------------------------------------------------------------------------------
-
-SEEDS = range(8)
-
 
 def conspo_case(seed):
     taus = [0.05, 0.1, 0.1, 1.0, 10.0, 0.3, 0.02, 2.0]
@@ -264,8 +275,8 @@ def test_separation_metrics_with_ties_match_brute_force(seed):
 def test_auc_hand_values():
     ids = torch.tensor([0, 0, 0, 0, 1, 1, 1])
     correct = torch.tensor([1, 0, 0, 1, 1, 0, 0], dtype=torch.bool)
-    # group 0: pos {-0.2, -0.4}, neg {-0.3, -0.4}: pairs (>, tie, <, >) -> (1 + 0.5 + 0 + 1 + 1)/4... by hand:
-    # (-0.2,-0.3)=1, (-0.2,-0.4)=1, (-0.4,-0.3)=0, (-0.4,-0.4)=0.5 -> 2.5/4. group 1: pos -1 vs {-2, 0}: 1/2.
+    # group 0: pos {-0.2, -0.4}, neg {-0.3, -0.4}: pairs (-0.2,-0.3)=1, (-0.2,-0.4)=1, (-0.4,-0.3)=0,
+    # (-0.4,-0.4)=1/2 (tie) -> 2.5/4. group 1: pos -1 vs neg {-2, 0} -> 1/2.
     scores = torch.tensor([-0.2, -0.3, -0.4, -0.4, -1.0, -2.0, 0.0])
     got = separation_metrics(scores, correct, ids)
     close(got["auc"], (2.5 / 4 + 0.5) / 2, rtol=1e-6)
@@ -488,12 +499,12 @@ def test_relabelling_groups_changes_nothing(fn, kw):
     s = sequence_scores(logps, mask)
     base = fn(s, correct, ids, **kw)
     uniq = torch.unique(ids)
-    relabel = {int(g): int(v) for g, v in zip(uniq, torch.tensor([2**63 - 1, -(2**63), 0, 17])[: len(uniq)])}
-    new_ids = torch.tensor([relabel[int(g)] for g in ids]).to(torch.int64)
-    for id_dtype in (torch.int64, torch.int32) if new_ids.abs().max() < 2**31 else (torch.int64,):
-        out = fn(s, correct, new_ids.to(id_dtype), **kw)
-        close(out.loss, base.loss, atol=1e-14)
-        close(out.credit, base.credit, atol=1e-14)
+    extremes = torch.tensor([2**63 - 1, -(2**63), 0, 17], dtype=torch.int64)
+    assert len(uniq) <= len(extremes)
+    relabel = {int(g): int(v) for g, v in zip(uniq, extremes)}
+    out = fn(s, correct, torch.tensor([relabel[int(g)] for g in ids], dtype=torch.int64), **kw)
+    close(out.loss, base.loss, atol=1e-14)
+    close(out.credit, base.credit, atol=1e-14)
     # small ids fit int32 and int16
     compact = torch.unique(ids, return_inverse=True)[1]
     for id_dtype in (torch.int32, torch.int16, torch.uint8):
