@@ -1,0 +1,95 @@
+"""`conspo --help` answers without heavy imports; `conspo train` rejects bad input before any long work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conspo.run import RunError, prepare_output_dir, train
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    code = (
+        "import sys\n"
+        "from conspo.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "usage: conspo" in out
+    assert "HEAVY []" in out
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "compare"])
+def test_subcommand_help_lists_options(command):
+    out = subprocess.run([sys.executable, "-m", "conspo.cli", command, "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--model" in out
+
+
+def test_unknown_method_is_rejected_by_the_parser():
+    proc = subprocess.run([sys.executable, "-m", "conspo.cli", "train", "--method", "ppo"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+    assert "invalid choice: 'ppo'" in proc.stderr and "conspo" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(method="ppo"), "unknown method 'ppo'; accepted values: conspo, disco, grpo"),
+        (dict(task="no_such_task"), "unknown task 'no_such_task'"),
+        (dict(dataset="/nonexistent/data.jsonl"), "no such file"),
+        (dict(model="/nonexistent/model"), "not a model directory"),
+        (dict(max_steps=0), "--max-steps must be >= 1"),
+        (dict(template="fancy"), "template must be 'plain' or 'chat'"),
+    ],
+)
+def test_bad_input_fails_fast(tmp_path, kwargs, needle):
+    with pytest.raises((RunError, ValueError)) as err:
+        train(output_dir=tmp_path / "run", **kwargs)
+    assert needle in str(err.value)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_dataset_missing_its_fields_is_named(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "1+1", "label": "2"}) + "\n")
+    with pytest.raises(ValueError) as err:
+        train(dataset=str(data), output_dir=tmp_path / "run")
+    assert "question" in str(err.value)
+
+
+def test_yaml_config_with_unknown_field(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("learning_rate: 1.0e-4\nnot_a_field: 3\n")
+    with pytest.raises(RunError, match=r"unknown fields \['not_a_field'\]"):
+        train(config=str(cfg), output_dir=tmp_path / "run")
+
+
+def test_output_dir_holding_another_run(tmp_path):
+    out = tmp_path / "run"
+    identity = {"method": "conspo", "task": "arithmetic", "model": "embedded-tiny", "seed": 0}
+    prepare_output_dir(out, identity, resume=False, overwrite=False)
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(RunError, match="pass --resume to continue it or --overwrite"):
+        prepare_output_dir(out, identity, resume=False, overwrite=False)
+    with pytest.raises(RunError, match="holds a different run"):
+        prepare_output_dir(out, {**identity, "seed": 1}, resume=True, overwrite=False)
+    prepare_output_dir(out, identity, resume=True, overwrite=False)  # the same run resumes
+    assert (out / "metrics.jsonl").exists()
+    prepare_output_dir(out, {**identity, "seed": 1}, resume=False, overwrite=True)
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_foreign_directory_is_not_overwritten(tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="holds no conspo run"):
+        prepare_output_dir(out, {"method": "conspo"}, resume=False, overwrite=False)
+    assert (out / "notes.txt").read_text() == "mine"
