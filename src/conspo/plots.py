@@ -66,3 +66,73 @@ def plot_learning_curves(runs: dict[str, Sequence[dict]], out: str | Path, title
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_bands(runs: dict[str, list[Sequence[dict]]], keys: Sequence[tuple[str, str]], out: str | Path,
+               title: str = "") -> Path:
+    """Mean over seeds with a band of one standard deviation, one panel per ``(title, key)``.
+
+    ``runs`` maps a method to the metric records of each of its seeds. Steps are those logged by every
+    seed of a method (so a band is never drawn from a single seed at some steps).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, (panel, key) in zip(axes[0], keys):
+        for method, seeds in runs.items():
+            per_seed = [dict(zip(*series(records, key))) for records in seeds]
+            per_seed = [s for s in per_seed if s]
+            if not per_seed:
+                continue
+            steps = sorted(set.intersection(*(set(s) for s in per_seed)))
+            if not steps:
+                continue
+            values = [[s[step] for s in per_seed] for step in steps]
+            mean = [sum(v) / len(v) for v in values]
+            std = [(sum((x - m) ** 2 for x in v) / len(v)) ** 0.5 for v, m in zip(values, mean)]
+            line = ax.plot(steps, mean, label=f"{method} (n={len(per_seed)})")[0]
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2)
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_credit(panels: dict[str, tuple[list[float], list[float], list[bool]]], out: str | Path,
+                title: str = "") -> Path:
+    """Per-rollout credit against score, one panel per method: ``{method: (scores, credits, correct)}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (method, (scores, credits, correct)) in zip(axes[0], panels.items()):
+        for flag, colour, label in ((True, "tab:green", "correct"), (False, "tab:red", "incorrect")):
+            xs = [s for s, c in zip(scores, correct) if c == flag]
+            ys = [v for v, c in zip(credits, correct) if c == flag]
+            ax.scatter(xs, ys, s=14, c=colour, alpha=0.7, label=label)
+        ax.axhline(0.0, color="black", lw=0.6)
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("score s_i (mean token log-prob)")
+        ax.set_ylabel("credit (-dL/ds_i)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -260,6 +260,7 @@ def train(
         "seed": seed,
         "report_to": report_to,
         "disable_tqdm": False,
+        "dump_batch_step": 1,
     }
     settings.update(yaml_fields)
     settings.update(overrides)

@@ -30,8 +30,10 @@ diagnostics (score gap, separation AUC) so every method can be plotted alike.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,6 +108,11 @@ class ConSPOConfig(GRPOConfig):
         metadata={"help": "Truncated completions (no EOS): 'negative' (count as incorrect) or 'drop' (from P and N)."},
     )
 
+    dump_batch_step: int | None = field(
+        default=None,
+        metadata={"help": "Write the scores, correctness and group ids of this optimizer step's batch (1-based) to "
+                  "output_dir/batch-step<N>.json, for credit-assignment figures."},
+    )
     group_batching: str = field(
         default="auto",
         metadata={"help": "How group-coupled gradients stay exact under batching: 'whole_groups', 'credit' "
@@ -463,6 +470,13 @@ class ConSPOTrainer(GRPOTrainer):
         rows = {k: self.accelerator.gather(v) for k, v in rows.items()}
         keep = rows["keep"]
         scores, correct, gid = rows["scores"][keep], rows["correct"][keep], rows["group_ids"][keep]
+        step = self.state.global_step + 1  # the step being taken, as TRL logs it
+        if self.args.dump_batch_step == step and self.accelerator.is_main_process:
+            path = Path(self.args.output_dir) / f"batch-step{step}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"step": step, "objective": self.args.objective,
+                                        "scores": scores.tolist(), "correct": correct.tolist(),
+                                        "group_ids": gid.tolist()}))
         if self.args.objective == "trl":
             metrics = obj.separation_metrics(scores, correct, gid)
         else:
