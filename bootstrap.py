@@ -3,6 +3,7 @@
 
     python3 bootstrap.py train [conspo train options]   # set up, then run the main job on its embedded default
     python3 bootstrap.py test  [pytest options]         # set up with the dev extras, then run the whole test suite
+                                                        # (then the verl plug-in's tests in .venv-verl)
     python3 bootstrap.py bench [benchmark options]      # set up, then run the objectives benchmark
     python3 bootstrap.py shell                          # set up, then print the path of the environment's python
 
@@ -55,6 +56,61 @@ def setup(extras: str) -> Path:
     return py
 
 
+# --------------------------------------------------------------------------------------------------
+# The verl environment (issue 6: the verl plug-in). verl 0.9.1 pins transformers>=5.5.3,<5.11 while the main
+# environment follows transformers <6 for TRL, so verl and the plug-in's tests live in a second environment,
+# .venv-verl, with conspo installed there without its own dependencies (the plug-in needs only torch and verl).
+# --------------------------------------------------------------------------------------------------
+
+VERL_VENV = Path(os.environ.get("CONSPO_VERL_VENV", ROOT / ".venv-verl"))
+VERL_REQUIREMENTS = [
+    "verl==0.9.1",
+    "transformers>=5.5.3,<5.11",
+    "pytest>=8",
+    # What verl's v1 trainer imports from its "verl-core" extra (needed to register trainer mode conspo).
+    "TransferQueue>=0.1.10",
+    "pyzmq",
+    "msgspec",
+    "cachetools",
+    "fastapi",
+    "uvicorn",
+]
+
+
+def setup_verl() -> Path:
+    """Create or reuse .venv-verl (torch pinned first, like setup()); reinstalled when its inputs change."""
+    py = VERL_VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if not py.exists():
+        print(f"creating the virtual environment {VERL_VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VERL_VENV)
+    inputs = (ROOT / "pyproject.toml").read_bytes() + "\n".join([TORCH_PIN, *VERL_REQUIREMENTS]).encode()
+    digest = hashlib.sha256(inputs).hexdigest()[:16]
+    stamp = VERL_VENV / ".conspo-installed-verl"
+    if stamp.exists() and stamp.read_text() == digest:
+        return py
+    pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    if subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode != 0:
+        _run(pip + [TORCH_PIN])
+    _run(pip + VERL_REQUIREMENTS)
+    _run(pip + ["--no-deps", "-e", str(ROOT)])
+    stamp.write_text(digest)
+    return py
+
+
+def run_verl_tests() -> int:
+    """The verl plug-in's tests in .venv-verl; CONSPO_VERL_TESTS=0 skips them (for quick local runs)."""
+    if os.environ.get("CONSPO_VERL_TESTS", "1") == "0":
+        print("CONSPO_VERL_TESTS=0: skipping the verl plug-in tests", flush=True)
+        return 0
+    py = setup_verl()
+    cmd = [str(py), "-m", "pytest", "-m", "verl", "-q", "-p", "no:cacheprovider", "tests/test_verl_plugin.py"]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=ROOT).returncode
+
+
+# --------------------------------------------------------------------------------------------------
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"train", "test", "bench", "shell"}:
         print(__doc__)
@@ -62,7 +118,9 @@ def main(argv: list[str]) -> int:
     job, rest = argv[0], argv[1:]
     if job == "test":
         py = setup("dev")
-        return subprocess.run([str(py), "-m", "pytest", *rest], cwd=ROOT).returncode
+        main_rc = subprocess.run([str(py), "-m", "pytest", *rest], cwd=ROOT).returncode
+        verl_rc = run_verl_tests()  # after the main run, in its own environment (see setup_verl)
+        return main_rc or verl_rc
     py = setup("plot,tasks")
     if job == "shell":
         print(py)
