@@ -182,10 +182,14 @@ def _group_norm_denominator(
 
 
 def _check_normalizer(normalizer: float | Tensor | None) -> None:
-    if normalizer is None or isinstance(normalizer, Tensor):
+    if normalizer is None:
         return
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not normalizer >= 0:
-        raise ValueError(f"normalizer must be None or a number >= 0 (a group count), got {normalizer!r}")
+    if isinstance(normalizer, Tensor):
+        if normalizer.numel() != 1 or normalizer.dtype == torch.bool:
+            raise ValueError(f"normalizer must be a number or a 1-element tensor, got {_describe(normalizer)}")
+        return  # a device tensor is not read back here: that would force a synchronisation
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not 0 <= normalizer < math.inf:
+        raise ValueError(f"normalizer must be None or a finite number >= 0 (a group count), got {normalizer!r}")
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -292,7 +296,7 @@ def conspo_loss(
         metrics["gate_mean"] = torch.where(active, gate, 0.0).sum() / n_active
         metrics["gate_frac_below_0.1"] = (active & (gate < 0.1)).sum().to(dtype) / n_active
         metrics["neg_entropy"] = _neg_entropy(pi, neg, groups, dtype)
-        metrics["margin"] = torch.tensor(float(margin), dtype=dtype, device=s.device)
+        metrics["margin"] = torch.full((), float(margin), dtype=dtype, device=s.device)
     return LossOutput(loss, credit.detach(), metrics)
 
 
@@ -497,10 +501,10 @@ def grpo_credit(correct: Tensor, group_ids: Tensor) -> Tensor:
     each negative ``-sqrt(p/(1-p))/G`` whatever the scores are. Groups that are all correct or all wrong
     get 0.
     """
-    dummy = torch.zeros(correct.shape[0] if isinstance(correct, Tensor) and correct.dim() == 1 else 0)
-    if isinstance(correct, Tensor) and correct.dim() == 1:
-        dummy = dummy.to(correct.device)
-    _, correct, group_ids = _check_group_inputs(dummy, correct, group_ids)
+    if not isinstance(correct, Tensor) or correct.dim() != 1:
+        raise ValueError(f"correct must be a 1-D tensor of shape (B,), got {_describe(correct)}")
+    placeholder = torch.zeros(correct.shape[0], device=correct.device)
+    _, correct, group_ids = _check_group_inputs(placeholder, correct, group_ids)
     groups = _groups(correct, group_ids)
     n_pos = groups.n_pos.to(torch.float32)
     size = (groups.n_pos + groups.n_neg).to(torch.float32)
