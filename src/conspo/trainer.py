@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +42,13 @@ from trl import GRPOConfig, GRPOTrainer
 
 from conspo import objectives as obj
 
+logger = logging.getLogger("conspo.trainer")
+
 OBJECTIVES = ("conspo", "disco", "trl")
 TRUNCATED_POLICIES = ("negative", "drop")
 GROUP_BATCHING = ("auto", "whole_groups", "credit")
 SUPPORTED_TRL = ((1, 16), (1, 17))  # [low, high)
+NO_SIGNAL_WARN_STEPS = 10  # warn after this many consecutive optimizer steps without a mixed group
 
 # TRL methods this trainer overrides or calls, with the parameters it relies on. A change here fails loudly.
 TRL_INTERNALS = {
@@ -231,6 +235,14 @@ class ConSPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        infinite = torch.isinf(rewards)
+        if infinite.any():  # TRL would silently zero the advantages of the whole group; ConSPO would count +inf correct
+            names = [self.reward_func_names[i] for i in infinite.any(0).nonzero().flatten().tolist()]
+            raise ValueError(
+                f"reward function(s) {', '.join(names)} returned an infinite reward for {int(infinite.sum())} of "
+                f"{rewards.shape[0]} completions; rewards must be finite. Return None for a completion a function does "
+                f"not score, or wrap a verifier with conspo.rewards.make_reward_func (non-finite scores become 0.0, logged)."
+            )
         self._rewards_per_func = rewards  # (B_global, n_funcs), gathered over processes by TRL
         return rewards
 
@@ -483,6 +495,26 @@ class ConSPOTrainer(GRPOTrainer):
             metrics = self._objective(scores, correct, gid, normalizer=None).metrics
         for name, value in metrics.items():
             self._metrics["train"][f"conspo/{name}"].append(float(value))
+        self._count_steps_without_signal(metrics)
+
+    _steps_without_signal = 0
+
+    def _count_steps_without_signal(self, metrics: dict[str, torch.Tensor]) -> None:
+        """A step whose groups are all correct or all wrong has zero loss and gradient (``conspo/valid_frac`` 0):
+        training goes on, and every ``NO_SIGNAL_WARN_STEPS`` such steps in a row a warning says why."""
+        if float(metrics["valid_frac"]) > 0:
+            self._steps_without_signal = 0
+            return
+        self._steps_without_signal += 1
+        if self._steps_without_signal % NO_SIGNAL_WARN_STEPS == 0 and self.accelerator.is_main_process:
+            reward = float(metrics["reward_mean"])
+            why = ("every rollout is wrong: the task is too hard for the policy, or the verifier rejects its answer "
+                   "format" if reward == 0 else "every rollout is correct: the task is saturated" if reward == 1
+                   else "each group is all correct or all wrong")
+            logger.warning(
+                "%d optimizer steps in a row without a group holding both a correct and an incorrect rollout "
+                "(conspo/valid_frac = 0, mean correctness %.3f): %s. The loss and gradient are zero on these steps; "
+                "training continues.", self._steps_without_signal, reward, why)
 
 
 def _loss_mask(inputs: dict[str, Any]) -> torch.Tensor:
