@@ -22,11 +22,25 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from conspo.checkpoints import (
+    SaveError,
+    align_save_steps,
+    guard_checkpoint_saves,
+    last_complete_checkpoint,
+    prepare_resume,
+    save_error,
+    whole_run_loss,
+    write_atomic,
+)
+
 logger = logging.getLogger("conspo.run")
 
 DEFAULT_TASK = "arithmetic"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+
+REWARD_TIMEOUT_S = 10.0
+"""Wall-clock bound on one verifier call inside the reward function (a hanging verifier scores 0, logged)."""
 
 # Settings for a real pretrained model when neither the YAML config nor the command line says otherwise.
 PRETRAINED_DEFAULTS = dict(
@@ -104,7 +118,7 @@ def prepare_output_dir(output_dir: Path, identity: dict, *, resume: bool, overwr
         if differs:
             raise RunError(f"--resume: {output_dir} holds a different run; differences (saved, now): {differs}")
     output_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(identity, indent=2))
+    write_atomic(record, json.dumps(identity, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -154,6 +168,8 @@ def _callbacks(metrics_path: Path, evaluate, eval_every: int):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
+                if "train_loss" in logs:  # transformers averages only the steps since the last resume
+                    logs = {**logs, "train_loss": whole_run_loss(state.log_history)}
                 with metrics_path.open("a") as fh:
                     fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
@@ -269,8 +285,11 @@ def train(
     settings.setdefault("save_steps", max(1, settings["max_steps"] // 4))
     settings["output_dir"] = str(output_dir)
     args = preset_config(method, **settings)
+    note = align_save_steps(args)
+    if note:
+        print(f"[conspo] {note}")
 
-    verifier = make_reward_func(task_obj.verifier, name="correct", strict=strict_rewards)
+    verifier = make_reward_func(task_obj.verifier, name="correct", strict=strict_rewards, timeout_s=REWARD_TIMEOUT_S)
     reward_funcs = [verifier, *preset_reward_funcs(method, args)]
     if len(reward_funcs) > 1 and args.correctness_reward is None:
         args.correctness_reward = "correct"  # correctness comes from the verifier, not the length penalty
@@ -288,11 +307,15 @@ def train(
         peft_config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
 
     metrics_path = output_dir / METRICS_FILE
-    from transformers.trainer_utils import get_last_checkpoint
-
-    checkpoint = get_last_checkpoint(str(output_dir)) if resume else None
+    # The newest *complete* checkpoint (a crash may cut a save short); metrics.jsonl is cut back to it.
+    checkpoint = None
+    if resume:
+        checkpoint = prepare_resume(output_dir, metrics_path, expect_optimizer=not args.save_only_model)
     if resume and checkpoint is None:
         print(f"[conspo] --resume: no checkpoint in {output_dir} yet, starting from the beginning")
+    elif checkpoint is not None:
+        print(f"[conspo] --resume: continuing from {checkpoint} (of {args.max_steps} steps)")
+        checkpoint = str(checkpoint)
     before = evaluate(policy)
     if checkpoint is None:
         with metrics_path.open("a") as fh:
@@ -303,6 +326,7 @@ def train(
     trainer = ConSPOTrainer(model=policy, reward_funcs=reward_funcs, args=args, train_dataset=train_set,
                             processing_class=tokenizer, peft_config=peft_config,
                             callbacks=_callbacks(metrics_path, evaluate, every))
+    guard_checkpoint_saves(trainer)  # disk full while saving: a clear error, the previous checkpoint intact
     trainer.train(resume_from_checkpoint=checkpoint)
 
     trained = trainer.model
@@ -313,8 +337,12 @@ def train(
         with metrics_path.open("a") as fh:
             fh.write(json.dumps({"step": trainer.state.global_step, "eval/heldout_accuracy": after}) + "\n")
     final_dir = output_dir / "final"
-    trained.save_pretrained(final_dir)
-    tokenizer.save_pretrained(final_dir)
+    try:
+        trained.save_pretrained(final_dir)
+        tokenizer.save_pretrained(final_dir)
+    except Exception as err:
+        last = last_complete_checkpoint(output_dir, remove_incomplete=False)
+        raise save_error(err, final_dir, intact=last, removed=False) from err
 
     from conspo.plots import plot_learning_curves, read_metrics
 
@@ -331,7 +359,7 @@ def train(
         "metrics": str(metrics_path),
         "curves": str(curves),
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(output_dir / "summary.json", json.dumps(summary, indent=2))  # marks the run finished
     print(f"[conspo] metrics: {metrics_path}\n[conspo] curves:  {curves}\n[conspo] model:   {final_dir} "
           f"(AutoModelForCausalLM.from_pretrained)")
     print(f"[conspo] {method} on {task_obj.name}: held-out accuracy {before:.1%} -> {after:.1%} "
@@ -350,4 +378,7 @@ def train_command(ns) -> int:
     except RunError as err:
         print(f"conspo train: error: {err}")
         return 2
+    except SaveError as err:
+        print(f"conspo train: error: {err}")
+        return 1
     return 0

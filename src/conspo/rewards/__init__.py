@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from conspo.rewards.base import Verifier, VerifyResult
+from conspo.rewards.bounded import call_with_timeout
 from conspo.rewards.extract import extract_answer, extract_gold, normalize_answer
 from conspo.rewards.verifiers import exact_match, math_verify_match, numeric_match, parse_number
 
@@ -51,13 +53,18 @@ def completion_text(completion: Any) -> str:
 
 
 def make_reward_func(
-    verifier: Verifier, name: str | None = None, strict: bool = False
+    verifier: Verifier, name: str | None = None, strict: bool = False, timeout_s: float | None = None
 ) -> Callable[..., list[float | None]]:
     """A TRL reward function that scores each completion with ``verifier(completion, answer)``.
 
     - A verifier that raises on a sample is logged (logger ``conspo.rewards``) and that sample scores 0.0;
       ``strict=True`` re-raises instead.
     - A NaN, infinite or None score becomes 0.0, with a logged warning.
+    - ``timeout_s``: each verifier call is bounded by ``conspo.rewards.bounded.call_with_timeout`` when the
+      reward function runs in the main thread (where TRL calls synchronous reward functions); a call that
+      runs over scores 0.0 (reason ``timeout``) with a logged warning, or raises ``TimeoutError`` when
+      ``strict``. In other threads the call runs unbounded (conspo's own verifiers bound themselves there).
+      A verifier stuck in one C call that never returns to Python is not interrupted (see ``bounded``).
     - When TRL passes ``log_extra``, the extracted answers and reasons are logged as completion-table columns
       ``<name>/extracted`` and ``<name>/reason``.
     - ``f.__name__`` is ``name`` (default: the verifier's name), so TRL logs it as ``rewards/<name>``.
@@ -78,8 +85,17 @@ def make_reward_func(
         extracted: list[str | None] = []
         reasons: list[str] = []
         for index, (completion, gold) in enumerate(zip(completions, answer)):
+            call = (completion_text(completion), "" if gold is None else str(gold))
             try:
-                result = verifier(completion_text(completion), "" if gold is None else str(gold))
+                if timeout_s and threading.current_thread() is threading.main_thread():
+                    result = call_with_timeout(verifier, call, timeout_s)
+                else:
+                    result = verifier(*call)
+            except TimeoutError:
+                if strict:
+                    raise
+                logger.warning("verifier %s timed out on sample %d (bound: %s s); scored 0.0", reward_name, index, timeout_s)
+                result = VerifyResult(0.0, None, "timeout")
             except Exception:
                 if strict:
                     raise
