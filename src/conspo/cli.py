@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=None)
     ev.add_argument("--output-dir", default=None)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--gguf-file", default=None,
+                    help="a GGUF file inside --model to load (dequantised to float32; needs the gguf package)")
+    ev.add_argument("--batch-size", type=int, default=32, help="completions generated together")
+    ev.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto",
+                    help="generation backend; auto: vLLM when installed and a GPU is present, else transformers")
 
     cmp_ = sub.add_parser("compare", help="train and evaluate several methods on the same data, budget and seeds")
     cmp_.add_argument("--methods", default="conspo,disco,grpo,dapo,gspo", help="comma-separated methods")

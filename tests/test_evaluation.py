@@ -1,0 +1,377 @@
+"""`conspo eval` and its metrics: pass@k / maj@k against enumeration of all k-subsets, hand-computed cases,
+aggregation, the markdown report, the sampling driver (scripted and tiny models) and the CLI end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from collections import Counter
+from fractions import Fraction
+from types import SimpleNamespace
+
+import pytest
+
+from conspo.metrics import NO_SUBSET, avg_at_k, maj_at_k, metric_names, pass_at_k, summarize
+
+# ----------------------------------------------------------------------------------------------- references
+
+
+def brute_pass(n: int, c: int, k: int) -> Fraction:
+    """Fraction of k-subsets of n samples (the first c correct) holding a correct sample."""
+    subsets = list(itertools.combinations(range(n), k))
+    return Fraction(sum(any(i < c for i in s) for s in subsets), len(subsets))
+
+
+def brute_maj(answers, correct, k) -> Fraction:
+    """Mean over all k-subsets of the majority answer's correctness; ties share the credit equally, samples
+    without an answer do not vote, an answer's correctness is the fraction of its samples that are correct."""
+    value = {}
+    for a in set(answers) - {None}:
+        flags = [ok for b, ok in zip(answers, correct) if b == a]
+        value[a] = Fraction(sum(flags), len(flags))
+    subsets = list(itertools.combinations(range(len(answers)), k))
+    total = Fraction(0)
+    for s in subsets:
+        votes = Counter(answers[i] for i in s if answers[i] is not None)
+        if votes:
+            top = max(votes.values())
+            winners = [a for a in votes if votes[a] == top]
+            total += sum(value[a] for a in winners) / len(winners)
+    return total / len(subsets)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_pass_at_k_matches_enumeration(n):
+    for c in range(n + 1):  # c = 0 and c = n included
+        for k in range(1, n + 1):  # k = n included
+            assert pass_at_k(n, c, k) == float(brute_pass(n, c, k)), (n, c, k)
+
+
+def test_pass_at_k_exact_for_large_n():
+    assert pass_at_k(10_000, 1, 5_000) == 0.5  # one correct sample: k / n
+    assert pass_at_k(100_000, 1, 3) == 3 / 100_000
+    assert pass_at_k(4_000, 0, 2_000) == 0.0 and pass_at_k(4_000, 4_000, 1) == 1.0
+    # C(3000, 1500) overflows a float: a quotient of floats would fail here
+    assert pass_at_k(3_000, 1_501, 1_500) == 1.0
+    assert pass_at_k(3_000, 2, 1_500) == float(1 - Fraction(math.comb(2_998, 1_500), math.comb(3_000, 1_500)))
+    values = [pass_at_k(64, 5, k) for k in range(1, 65)]
+    assert values == sorted(values) and values[0] == 5 / 64
+
+
+def test_pass_at_k_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="k=5"):
+        pass_at_k(4, 1, 5)
+    with pytest.raises(ValueError, match="k=0"):
+        pass_at_k(4, 1, 0)
+    with pytest.raises(ValueError, match="c=5"):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError, match="n=0"):
+        pass_at_k(0, 0, 1)
+
+
+def test_avg_at_k_is_the_fraction_correct_for_every_k():
+    flags = [True, False, True, False, False]
+    assert [avg_at_k(flags, k) for k in (1, 3, 5)] == [0.4, 0.4, 0.4]
+    # the expectation over k-subsets of the subset mean, by enumeration
+    for k in range(1, 6):
+        subsets = list(itertools.combinations(flags, k))
+        assert avg_at_k(flags, k) == pytest.approx(float(sum(Fraction(sum(s), k) for s in subsets) / len(subsets)))
+    with pytest.raises(ValueError, match="k=6"):
+        avg_at_k(flags, 6)
+
+
+@pytest.mark.parametrize(
+    "answers, correct, k, expected",
+    [
+        (["a", "b"], [True, False], 2, 0.5),  # a tie: half the credit
+        (["a", "a", "b"], [True, True, False], 1, 2 / 3),
+        (["a", "a", "b"], [True, True, False], 2, 2 / 3),  # {a,a}: 1, {a,b} twice: 1/2 each
+        (["a", "a", "b"], [True, True, False], 3, 1.0),
+        (["a", "b", "b"], [True, False, False], 3, 0.0),  # the wrong answer wins
+        (["a", "b", "c", "d"], [True, False, False, False], 4, 0.25),  # a four-way tie
+        ([None, None], [False, False], 2, 0.0),  # nobody votes
+        ([None, "a"], [False, True], 1, 0.5),
+        ([None, "a"], [False, True], 2, 1.0),  # an unanswered sample does not vote
+        ([None, None, "b"], [False, False, True], 3, 1.0),  # a single vote beats two blanks
+    ],
+)
+def test_maj_at_k_hand_computed(answers, correct, k, expected):
+    assert maj_at_k(answers, correct, k) == pytest.approx(expected, abs=1e-15)
+
+
+def test_maj_at_k_matches_enumeration_with_ties_and_blanks():
+    rng = random.Random(0)
+    for _ in range(150):
+        n = rng.randint(1, 8)
+        alphabet = rng.choice([["a"], ["a", "b"], ["a", "b", "c", None], list("abcdef") + [None]])
+        answers = [rng.choice(alphabet) for _ in range(n)]
+        good = {a: rng.random() < 0.5 for a in alphabet}
+        # mostly consistent with the answer, sometimes not: the answer's value is then a fraction
+        correct = [good[a] if rng.random() < 0.85 else not good[a] for a in answers]
+        for k in range(1, n + 1):
+            assert maj_at_k(answers, correct, k) == pytest.approx(float(brute_maj(answers, correct, k)), abs=1e-12)
+
+
+def test_maj_at_k_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="k=3"):
+        maj_at_k(["a", "b"], [True, False], 3)
+    with pytest.raises(ValueError, match="2 answers but 1"):
+        maj_at_k(["a", "b"], [True], 1)
+
+
+# ----------------------------------------------------------------------------------------------- aggregation
+
+
+def record(problem, sample, subset, extracted, score, length=3, truncated=False):
+    return {"problem": problem, "sample": sample, "subset": subset, "extracted": extracted, "score": score,
+            "length": length, "truncated": truncated}
+
+
+FIXTURE = [
+    record(0, 0, "x", "4", 1.0, length=2), record(0, 1, "x", "5", 0.0, length=6, truncated=True),
+    record(1, 0, "x", "9", 1.0, length=3), record(1, 1, "x", "9", 1.0, length=3),
+    record(2, 0, "y", None, 0.0, length=1), record(2, 1, "y", "7", 0.5, length=5),  # partial credit: not correct
+]
+
+
+def test_summarize_overall_and_per_subset():
+    s = summarize(FIXTURE, [2, 1])
+    assert s["ks"] == [1, 2]
+    overall, x, y = s["overall"], s["subsets"]["x"], s["subsets"]["y"]
+    assert (overall["problems"], overall["samples"], x["problems"], y["problems"]) == (3, 6, 2, 1)
+    assert overall["avg@1"] == overall["avg@2"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert overall["pass@2"] == pytest.approx((1 + 1 + 0) / 3)
+    assert overall["maj@2"] == pytest.approx((0.5 + 1 + 0) / 3)  # problem 0: a tie between 4 and 5
+    assert x["avg@1"] == 0.75 and x["pass@2"] == 1.0 and x["maj@2"] == 0.75
+    assert y["avg@1"] == 0.0 and y["mean_score"] == 0.25
+    assert overall["mean_score"] == pytest.approx(3.5 / 6)
+    assert overall["length"] == {"mean": 20 / 6, "min": 1, "max": 6, "truncated": 1 / 6}
+    assert x["length"]["truncated"] == 0.25
+    assert list(s["subsets"]) == ["x", "y"]
+
+
+def test_summarize_without_subsets_and_with_some_missing():
+    plain = [{**r, "subset": None} for r in FIXTURE]
+    assert summarize(plain, [1])["subsets"] == {}
+    mixed = [{**r, "subset": None} if r["problem"] == 2 else r for r in FIXTURE]
+    assert list(summarize(mixed, [1])["subsets"]) == [NO_SUBSET, "x"]
+
+
+def test_summarize_needs_max_k_samples_per_problem():
+    with pytest.raises(ValueError, match="k=3 needs at least 3 samples"):
+        summarize(FIXTURE, [1, 3])
+
+
+EXPECTED_TABLE = """\
+## conspo eval: fixture.jsonl
+
+model `tiny`; 2 samples per problem, temperature 1.0, at most 6 new tokens, seed 0. Metrics in percent, each problem weighted equally.
+
+| subset | problems | avg@1 | avg@2 | pass@1 | pass@2 | maj@1 | maj@2 | mean tokens | min | max | truncated % |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| all | 3 | 50.0 | 50.0 | 50.0 | 66.7 | 50.0 | 50.0 | 3.3 | 1 | 6 | 16.7 |
+| x | 2 | 75.0 | 75.0 | 75.0 | 100.0 | 75.0 | 75.0 | 3.5 | 2 | 6 | 25.0 |
+| y | 1 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 3.0 | 1 | 5 | 0.0 |
+"""
+
+
+def test_render_markdown_exact():
+    from conspo.evaluation import render_markdown
+
+    summary = summarize(FIXTURE, [1, 2])
+    summary["settings"] = {"task": "fixture.jsonl", "model": "tiny", "samples": 2, "temperature": 1.0,
+                           "max_new_tokens": 6, "seed": 0}
+    assert render_markdown(summary) == EXPECTED_TABLE
+    assert metric_names([1, 2]) == ["avg@1", "avg@2", "pass@1", "pass@2", "maj@1", "maj@2"]
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def test_parse_ks_and_settings_errors():
+    from conspo.evaluation import EvalError, check_settings, parse_ks
+
+    assert parse_ks("16, 1,4,4", 16) == [1, 4, 16]
+    for text, samples, message in [("1,8", 4, "k=8"), ("0", 4, "k=0"), ("1,x", 4, "'x' is not an integer"),
+                                   ("1", 0, "--samples must be >= 1")]:
+        with pytest.raises(EvalError, match=message):
+            parse_ks(text, samples)
+    with pytest.raises(EvalError, match="--limit"):
+        check_settings(2, [1], limit=0)
+    with pytest.raises(EvalError, match="--temperature"):
+        check_settings(2, [1], temperature=-1.0)
+
+
+def write_dataset(path):
+    rows = [{"problem": "1+1=", "answer": "2", "level": "L1"}, {"problem": "3-1=", "answer": "2", "level": "L2"},
+            {"problem": "2+5=", "answer": "7", "level": "L1"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_load_task_dataset_and_subsets(tmp_path):
+    from conspo.evaluation import EvalError, load_task
+
+    data = write_dataset(tmp_path / "d.jsonl")
+    task = load_task(dataset=str(data))
+    assert [p["question"] for p in task.test] == ["1+1=", "3-1=", "2+5="] and not task.train  # every row
+    assert [p["subset"] for p in task.test] == ["L1", "L2", "L1"]  # "level" is a recognised subset field
+    task = load_task(dataset=str(data), subset_field="problem")
+    assert task.test[1]["subset"] == "3-1="
+    with pytest.raises(ValueError, match="unknown task 'arithmetc'.*arithmetic"):
+        load_task("arithmetc")
+    with pytest.raises(EvalError, match="--subset-field 'colour'"):
+        load_task("arithmetic", subset_field="colour")
+
+
+def test_choose_backend_without_vllm():
+    pytest.importorskip("torch")
+    import importlib.util
+
+    from conspo.evaluation import EvalError, choose_backend
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    assert choose_backend("auto") == "transformers"
+    with pytest.raises(EvalError, match="--backend vllm needs the vllm package"):
+        choose_backend("vllm")
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from conspo.tasks.tiny_model import TinyModelSpec, build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    spec = TinyModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("tiny")
+    build_model(tokenizer, spec, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+class ScriptedModel:
+    """Answers each prompt with a fixed continuation (token ids), like ``generate`` on a left-padded batch."""
+
+    def __init__(self, tokenizer, replies):
+        import torch
+
+        self.tokenizer, self.replies, self.torch = tokenizer, replies, torch
+        self.generation_config = SimpleNamespace(eos_token_id=tokenizer.eos_token_id)
+
+    def parameters(self):
+        yield self.torch.zeros(1)
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        tok, limit = self.tokenizer, generation_config.max_new_tokens
+        rows = []
+        for ids in input_ids.tolist():
+            prompt = tok.decode(ids, skip_special_tokens=True)
+            rows.append(self.replies[prompt.split("\n")[0]][:limit])
+        width = max(map(len, rows))
+        tail = [r + [tok.pad_token_id] * (width - len(r)) for r in rows]
+        return self.torch.cat([input_ids, self.torch.tensor(tail, dtype=input_ids.dtype)], dim=1)
+
+
+def test_evaluate_records_lengths_and_truncation(tiny_dir):
+    from conspo.evaluation import evaluate, load_task
+    from conspo.tasks.datasets import MATH_INSTRUCTION
+    from conspo.tasks.tiny_model import build_tokenizer
+
+    tok = build_tokenizer()
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    replies = {"1+1=": enc("\\boxed{2}") + [tok.eos_token_id] + enc("junk"),  # stops at end-of-sequence
+               "3-1=": enc("22222222222"),  # never ends: cut at the budget, truncated
+               "2+5=": [tok.eos_token_id]}  # empty
+    task = load_task(dataset=str(write_dataset(tiny_dir.parent / "scripted.jsonl")))
+    assert task.instruction == MATH_INSTRUCTION
+    records, summary = evaluate(ScriptedModel(tok, replies), tok, task, samples=2, ks=[1, 2], max_new_tokens=10,
+                                batch_size=4, progress=False)
+    assert [(r["problem"], r["sample"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    first, second, third = records[0], records[2], records[4]
+    assert (first["completion"], first["extracted"], first["score"], first["correct"]) == ("\\boxed{2}", "2", 1.0, True)
+    assert (first["length"], first["truncated"], first["subset"], first["answer"]) == (9, False, "L1", "2")
+    assert (second["completion"], second["length"], second["truncated"], second["correct"]) == ("2" * 10, 10, True, False)
+    assert (third["completion"], third["length"], third["truncated"], third["reason"]) == ("", 0, False, "no_answer")
+    overall = summary["overall"]
+    assert overall["pass@2"] == pytest.approx(1 / 3) and overall["maj@2"] == pytest.approx(1 / 3)
+    assert overall["length"] == {"mean": 19 / 3, "min": 0, "max": 10, "truncated": 1 / 3}
+    assert summary["subsets"]["L1"]["avg@1"] == 0.5
+    assert summary["settings"]["max_new_tokens"] == 10 and summary["settings"]["samples"] == 2
+
+
+def test_same_seed_same_samples(tiny_dir):
+    from conspo.evaluation import evaluate, load_model, load_task
+
+    model, tok = load_model(str(tiny_dir))
+    assert tok.decode(tok("1 + 2", add_special_tokens=False)["input_ids"]) == "1 + 2"  # spaces kept
+    task = load_task(dataset=str(write_dataset(tiny_dir.parent / "det.jsonl")))
+    run = lambda seed: evaluate(model, tok, task, samples=3, ks=[1, 3], max_new_tokens=6, seed=seed,  # noqa: E731
+                                batch_size=4, progress=False)  # batches of 4 straddle problems
+    (a, sa), (b, sb), (c, _) = run(0), run(0), run(1)
+    assert a == b and sa == sb
+    assert [r["completion"] for r in a] != [r["completion"] for r in c]
+    assert len({r["completion"] for r in a}) > 3  # sampled, not greedy
+    greedy, _ = evaluate(model, tok, task, samples=2, ks=[1], temperature=0.0, max_new_tokens=6, progress=False)
+    assert greedy[0]["completion"] == greedy[1]["completion"]
+
+
+# ----------------------------------------------------------------------------------------------- the CLI
+
+
+def run_cli(*args):
+    from conspo.cli import main
+
+    return main(["eval", *map(str, args)])
+
+
+def test_cli_end_to_end(tiny_dir, tmp_path, capsys):
+    from conspo.evaluation import SAMPLES_FILE, SUMMARY_FILE, TABLE_FILE, render_markdown
+
+    data = write_dataset(tmp_path / "d.jsonl")
+    out = tmp_path / "out"
+    rc = run_cli("--model", tiny_dir, "--dataset", data, "--samples", 4, "--k", "1,2,4", "--max-new-tokens", 5,
+                 "--template", "chat", "--subset-field", "level", "--output-dir", out, "--batch-size", 5)
+    assert rc == 0
+    records = [json.loads(line) for line in (out / SAMPLES_FILE).read_text().splitlines()]
+    assert len(records) == 12 and [r["sample"] for r in records[:4]] == [0, 1, 2, 3]
+    assert set(records[0]) == {"problem", "subset", "sample", "answer", "completion", "extracted", "score",
+                               "correct", "reason", "length", "truncated"}
+    assert all(0 <= r["length"] <= 5 and (r["length"] == 5 or not r["truncated"]) for r in records)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    recomputed = summarize(records, [1, 2, 4])
+    assert summary["overall"] == recomputed["overall"] and summary["subsets"] == recomputed["subsets"]
+    assert list(summary["subsets"]) == ["L1", "L2"] and summary["subsets"]["L1"]["problems"] == 2
+    settings = summary["settings"]
+    assert (settings["model"], settings["backend"], settings["template"], settings["seed"]) == (
+        str(tiny_dir), "transformers", "chat", 0)
+    table = (out / TABLE_FILE).read_text()
+    assert table == render_markdown(summary) and table in capsys.readouterr().out
+    assert "| all | 3 |" in table and "| L2 | 1 |" in table
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "{tmp}/nowhere", "--task", "arithmetic"], "no such directory"),
+        (["--model", "{tmp}", "--task", "arithmetic"], "no config.json there"),
+        (["--model", "{tiny}", "--gguf-file", "m.gguf"], "no m.gguf there"),
+        (["--model", "{tiny}", "--task", "arithmetc"], "unknown task 'arithmetc'"),
+        (["--model", "{tiny}", "--samples", "4", "--k", "1,8"], "k=8 is out of range"),
+        (["--model", "{tiny}", "--samples", "0"], "--samples must be >= 1"),
+        (["--model", "{tiny}", "--dataset", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
+    ],
+)
+def test_cli_bad_input(args, message, tiny_dir, tmp_path, capsys):
+    rc = run_cli(*(a.format(tmp=tmp_path, tiny=tiny_dir) for a in args))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "conspo eval: error:" in err and message in err
