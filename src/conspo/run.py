@@ -254,9 +254,11 @@ def train(
         policy, tokenizer = tiny_model.load_tiny(model_path)
         defaults = dict(tiny_model.DEFAULT_RL)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        from conspo.evaluation import load_tokenizer
+
+        tokenizer = load_tokenizer(model)  # keeps conspo's character tokenizers intact (environment notes)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
