@@ -45,10 +45,39 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def compare(methods: list[str], seeds: int, output_dir: str | Path, **train_options: Any) -> dict[str, Any]:
-    """Train every method with every seed (reusing finished runs), then write the table and figures."""
+EVAL_SUMMARY = "eval_summary.json"
+
+
+def sampled_eval(run_dir: Path, summary: dict, train_options: dict, *, samples: int, ks: list[int],
+                 limit: int | None, temperature: float) -> dict:
+    """avg@k / pass@k / maj@k of a run's final checkpoint on its held-out problems (cached in the run)."""
+    cached = run_dir / EVAL_SUMMARY
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    from conspo.evaluation import evaluate, load_model
+    from conspo.run import resolve_task
+
+    task = resolve_task(train_options.get("task"), train_options.get("dataset"), seed=summary["seed"],
+                        question_field=train_options.get("question_field"),
+                        answer_field=train_options.get("answer_field"))
+    model, tokenizer = load_model(summary["final_checkpoint"])
+    _, result = evaluate(model, tokenizer, task, samples=samples, ks=ks, temperature=temperature,
+                         seed=summary["seed"], limit=limit, template=train_options.get("template") or "plain",
+                         progress=False)
+    cached.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def compare(methods: list[str], seeds: int, output_dir: str | Path, *, eval_samples: int = 0,
+            ks: list[int] | None = None, eval_limit: int | None = 200, eval_temperature: float = 1.0,
+            **train_options: Any) -> dict[str, Any]:
+    """Train every method with every seed (reusing finished runs), evaluate each final checkpoint with the
+    same sampling settings (``eval_samples`` > 0), then write the table and figures."""
     if seeds < 1:
         raise RunError(f"--seeds must be >= 1, got {seeds}")
+    ks = sorted(set(ks or [1]))
+    if eval_samples and ks[-1] > eval_samples:
+        raise RunError(f"--k {','.join(map(str, ks))}: every k must be <= --eval-samples ({eval_samples})")
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, list[dict]] = {m: [] for m in methods}
@@ -61,7 +90,11 @@ def compare(methods: list[str], seeds: int, output_dir: str | Path, **train_opti
             else:
                 print(f"[conspo compare] {method} seed {seed} -> {run_dir}")
                 train(method=method, seed=seed, output_dir=run_dir, resume=run_dir.exists(), **train_options)
-            summaries[method].append(json.loads(done.read_text()))
+            summary = json.loads(done.read_text())
+            if eval_samples:
+                summary["sampled"] = sampled_eval(run_dir, summary, train_options, samples=eval_samples, ks=ks,
+                                                  limit=eval_limit, temperature=eval_temperature)
+            summaries[method].append(summary)
     return write_report(root, summaries)
 
 
@@ -71,26 +104,36 @@ def write_report(root: Path, summaries: dict[str, list[dict]]) -> dict[str, Any]
         before = _mean_std([r["heldout_before"] for r in runs])
         after = _mean_std([r["heldout_after"] for r in runs])
         gain = _mean_std([r["heldout_after"] - r["heldout_before"] for r in runs])
-        rows.append({"method": method, "seeds": len(runs), "steps": runs[0]["steps"] if runs else 0,
-                     "before_mean": before[0], "before_std": before[1], "after_mean": after[0],
-                     "after_std": after[1], "gain_mean": gain[0], "gain_std": gain[1]})
+        row = {"method": method, "seeds": len(runs), "steps": runs[0]["steps"] if runs else 0,
+               "before_mean": before[0], "before_std": before[1], "after_mean": after[0],
+               "after_std": after[1], "gain_mean": gain[0], "gain_std": gain[1]}
+        for name in _sampled_names(runs):
+            row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([r["sampled"]["overall"][name] for r in runs])
+        rows.append(row)
     with (root / "results.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    sampled = [k[: -len("_mean")] for k in rows[0] if k.endswith("_mean") and "@" in k]
     lines = [
-        "| method | seeds | steps | held-out before | held-out after | gain (points) |",
-        "|---|---|---|---|---|---|",
+        "| method | seeds | steps | held-out before | held-out after | gain (points) |"
+        + "".join(f" {name} |" for name in sampled),
+        "|---|---|---|---|---|---|" + "---|" * len(sampled),
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['seeds']} | {r['steps']} | {100 * r['before_mean']:.1f} ± {100 * r['before_std']:.1f} "
             f"| {100 * r['after_mean']:.1f} ± {100 * r['after_std']:.1f} | {100 * r['gain_mean']:+.1f} ± "
             f"{100 * r['gain_std']:.1f} |"
+            + "".join(f" {100 * r[f'{n}_mean']:.1f} ± {100 * r[f'{n}_std']:.1f} |" for n in sampled)
         )
     lines.append("")
     lines.append("Held-out accuracy is greedy (temperature 0) on the task's held-out problems; ± is the standard "
-                 "deviation over seeds (n-1).")
+                 "deviation over seeds (n-1), in points.")
+    if sampled:
+        settings = summaries[rows[0]["method"]][0]["sampled"].get("settings", {})
+        lines.append(f"avg@k, pass@k (unbiased) and maj@k sample {settings.get('samples')} completions per held-out "
+                     f"problem at temperature {settings.get('temperature')} from each final checkpoint.")
     (root / "results.md").write_text("\n".join(lines) + "\n")
 
     records = {m: [read_metrics(Path(r["metrics"])) for r in runs] for m, runs in summaries.items()}
@@ -107,6 +150,14 @@ def write_report(root: Path, summaries: dict[str, list[dict]]) -> dict[str, Any]
     print(f"[conspo compare] table: {root / 'results.md'} and {root / 'results.csv'}; figures: "
           f"{', '.join(str(p) for p in figures.values())}")
     return {"rows": rows, "figures": {k: str(v) for k, v in figures.items()}}
+
+
+def _sampled_names(runs: list[dict]) -> list[str]:
+    if not runs or any("sampled" not in r for r in runs):
+        return []
+    from conspo.metrics import metric_names
+
+    return metric_names(runs[0]["sampled"]["ks"])
 
 
 def credit_figure(root: Path, summaries: dict[str, list[dict]]) -> Path | None:
@@ -144,7 +195,16 @@ def credit_figure(root: Path, summaries: dict[str, list[dict]]) -> Path | None:
 def compare_command(ns) -> int:
     try:
         methods = parse_methods(ns.methods)
-        compare(methods, ns.seeds, ns.output_dir or "runs/compare", task=ns.task, dataset=ns.dataset,
+        from conspo.evaluation import EvalError, parse_ks
+
+        if ns.eval_samples < 0:
+            raise RunError(f"--eval-samples must be >= 0 (0: greedy held-out accuracy only), got {ns.eval_samples}")
+        try:
+            ks = parse_ks(ns.k, max(1, ns.eval_samples)) if ns.eval_samples else [1]
+        except EvalError as err:
+            raise RunError(str(err)) from err
+        compare(methods, ns.seeds, ns.output_dir or "runs/compare", eval_samples=ns.eval_samples,
+                ks=ks, task=ns.task, dataset=ns.dataset,
                 question_field=ns.question_field, answer_field=ns.answer_field, template=ns.template,
                 model=ns.model, config=ns.config, max_steps=ns.max_steps, report_to=ns.report_to, lora=ns.lora,
                 lora_r=ns.lora_r)
