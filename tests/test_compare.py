@@ -1,0 +1,67 @@
+"""`conspo compare` on a tiny model: the files it promises, reuse of finished runs, and the table."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+pytest.importorskip("trl")
+from conspo.compare import compare, parse_methods  # noqa: E402
+from conspo.run import RunError  # noqa: E402
+from tiny import save_tiny  # noqa: E402
+
+SMALL = dict(per_device_train_batch_size=16, num_generations=4, max_completion_length=6, learning_rate=1e-3,
+             save_steps=100)
+
+
+def test_parse_methods_rejects_unknown_and_duplicates():
+    assert parse_methods("conspo, grpo") == ["conspo", "grpo"]
+    with pytest.raises(RunError, match=r"unknown \['ppo'\]; accepted values: conspo"):
+        parse_methods("conspo,ppo")
+    with pytest.raises(RunError, match="names a method twice"):
+        parse_methods("grpo,grpo")
+
+
+def test_k_larger_than_samples_is_refused(tmp_path):
+    with pytest.raises(RunError, match="every k must be <= --eval-samples"):
+        compare(["conspo"], 1, tmp_path, eval_samples=2, ks=[1, 4], task="arithmetic")
+
+
+@pytest.mark.slow
+def test_compare_writes_table_and_figures_and_reuses_runs(tmp_path, capsys):
+    model = str(save_tiny(tmp_path / "model"))
+    options = dict(task="arithmetic", model=model, max_steps=2, config=SMALL, eval_limit=20)
+    out = tmp_path / "cmp"
+    result = compare(["conspo", "grpo"], 2, out, eval_samples=2, ks=[1, 2], **options)
+
+    for name in ("results.md", "results.csv", "heldout.png", "separation.png", "credit.png"):
+        assert (out / name).is_file(), name
+    for method in ("conspo", "grpo"):
+        for seed in (0, 1):
+            run = out / method / f"seed{seed}"
+            summary = json.loads((run / "summary.json").read_text())
+            assert (summary["method"], summary["seed"], summary["steps"]) == (method, seed, 2)
+            assert (run / "eval_summary.json").is_file() and (run / "final" / "config.json").is_file()
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["method"] for r in rows] == ["conspo", "grpo"]
+    for row, res in zip(rows, result["rows"]):
+        seeds = [json.loads((out / row["method"] / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+        mean_after = sum(s["heldout_after"] for s in seeds) / 2
+        assert float(row["after_mean"]) == pytest.approx(mean_after)
+        assert {"avg@1_mean", "pass@2_mean", "maj@2_mean"} <= set(row)
+    table = (out / "results.md").read_text()
+    assert table.startswith("| method | seeds | steps | held-out before | held-out after | gain (points) | avg@1 |")
+
+    # An interrupted comparison: one run lost its summary (as if killed), the others are reused.
+    finished = out / "grpo" / "seed0" / "summary.json"
+    stamp = finished.stat().st_mtime_ns
+    (out / "conspo" / "seed1" / "summary.json").unlink()
+    capsys.readouterr()
+    compare(["conspo", "grpo"], 2, out, eval_samples=2, ks=[1, 2], **options)
+    log = capsys.readouterr().out
+    assert log.count("reusing") == 3
+    assert "conspo seed 1 ->" in log
+    assert finished.stat().st_mtime_ns == stamp
