@@ -8,9 +8,10 @@ import json
 import pytest
 
 pytest.importorskip("trl")
+from tiny import save_tiny  # noqa: E402
+
 from conspo.compare import compare, parse_methods  # noqa: E402
 from conspo.run import RunError  # noqa: E402
-from tiny import save_tiny  # noqa: E402
 
 SMALL = dict(per_device_train_batch_size=16, num_generations=4, max_completion_length=6, learning_rate=1e-3,
              save_steps=100)
@@ -47,7 +48,7 @@ def test_compare_writes_table_and_figures_and_reuses_runs(tmp_path, capsys):
 
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["method"] for r in rows] == ["conspo", "grpo"]
-    for row, res in zip(rows, result["rows"]):
+    for row, _res in zip(rows, result["rows"]):
         seeds = [json.loads((out / row["method"] / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
         mean_after = sum(s["heldout_after"] for s in seeds) / 2
         assert float(row["after_mean"]) == pytest.approx(mean_after)
