@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from conspo import fast_generation as fastgen
 from conspo import objectives as obj
 
 logger = logging.getLogger("conspo.trainer")
@@ -53,6 +54,7 @@ NO_SIGNAL_WARN_STEPS = 10  # warn after this many consecutive optimizer steps wi
 # TRL methods this trainer overrides or calls, with the parameters it relies on. A change here fails loudly.
 TRL_INTERNALS = {
     "_generate": ["self", "prompts"],
+    "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"],
     "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
     "_generate_and_score_completions": ["self", "inputs"],
     "_prepare_inputs": ["self", "generation_batch"],
@@ -122,6 +124,20 @@ class ConSPOConfig(GRPOConfig):
         metadata={"help": "How group-coupled gradients stay exact under batching: 'whole_groups', 'credit' "
                   "(one extra no-grad forward per step; works when groups straddle processes), or 'auto'."},
     )
+    fast_generation: str = field(
+        default="auto",
+        metadata={"help": "Rollouts through transformers' generate with bf16 weights, a static KV cache and compiled "
+                  "decoding (see conspo.fast_generation): 'auto' (on for CUDA without vLLM; falls back to TRL's "
+                  "default path with the reason logged), 'on' (also on CPU and fp32; errors where unsupported) or "
+                  "'off'."},
+    )
+    fast_generation_compile: dict | str | None = field(
+        default=None,
+        metadata={"help": "torch.compile settings of the decoding step, as transformers' CompileConfig fields "
+                  "(fullgraph, dynamic, backend, mode, options; a dict or JSON). Default: inductor, reduce-overhead."},
+    )
+
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["fast_generation_compile"]
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,6 +148,12 @@ class ConSPOConfig(GRPOConfig):
         _choice("group_norm", self.group_norm, obj.GROUP_NORMS)
         _choice("disco_variant", self.disco_variant, obj.DISCO_VARIANTS)
         _choice("truncated", self.truncated, TRUNCATED_POLICIES)
+        _choice("fast_generation", self.fast_generation, fastgen.MODES)
+        compile_options = self.fast_generation_compile
+        if compile_options is not None and (not isinstance(compile_options, dict)
+                                            or not set(compile_options) <= set(fastgen.COMPILE_KEYS)):
+            raise ValueError(f"fast_generation_compile must be a dict with keys among {', '.join(fastgen.COMPILE_KEYS)}; "
+                             f"got {compile_options!r}")
         if self.tau is None:
             self.tau = 10.0 if self.objective == "disco" else 0.1
         _positive("tau", self.tau)
@@ -217,6 +239,7 @@ class ConSPOTrainer(GRPOTrainer):
         if not isinstance(config, ConSPOConfig):
             raise TypeError(f"ConSPOTrainer needs args=ConSPOConfig(...), got {type(config).__name__}")
         super().__init__(*args, **kwargs)
+        self.fast_generation = fastgen.setup(self, config.fast_generation, config.fast_generation_compile)
         if config.correctness_reward is not None and config.correctness_reward not in self.reward_func_names:
             raise ValueError(
                 f"correctness_reward={config.correctness_reward!r} is not one of the reward functions: "
@@ -227,6 +250,15 @@ class ConSPOTrainer(GRPOTrainer):
         self._step_rows: list[dict[str, torch.Tensor]] = []
 
     # ---------------------------------------------------------------- generation: carry correctness and groups
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        with self.fast_generation.generating(self, prompt_ids):
+            result = super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                   has_tool_images)
+        if self.fast_generation.enabled:
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["fast_generation/graphs_compiled"].append(self.fast_generation.stats["graphs_compiled"])
+        return result
 
     def _generate(self, prompts):
         result = super()._generate(prompts)
