@@ -11,7 +11,7 @@ Also here: ``metrics.jsonl`` is cut back to the checkpoint a resume starts from 
 contradicting steps), checkpoints are kept on generation-batch boundaries so a resume replays the run
 exactly, and a failed save (disk full) becomes one clear error while the previous checkpoint stays intact.
 
-Standard library only.
+Standard library only (transformers is imported inside ``restore_finished``).
 """
 
 from __future__ import annotations
@@ -238,13 +238,27 @@ def guard_checkpoint_saves(trainer: Any) -> None:
     trainer._save_checkpoint = guarded
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a complete checkpoint was saved at."""
+    return int(json.loads((Path(path) / TRAINER_STATE).read_text())["global_step"])
+
+
+def restore_finished(trainer: Any, checkpoint: str | Path) -> None:
+    """Load a checkpoint saved at the last step (the run was killed during the final evaluation or save).
+
+    ``Trainer.train(resume_from_checkpoint=...)`` checks ``max_steps`` only after taking a step, so resumed at
+    ``max_steps`` it would train one step more than the uninterrupted run; load weights and state instead."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+
+
 def prepare_resume(output_dir: str | Path, metrics_path: str | Path, *, expect_optimizer: bool = True) -> Path | None:
     """For ``--resume``: the checkpoint to load (newest complete one, or None to start over) after cutting
     ``metrics.jsonl`` back to it."""
     checkpoint = last_complete_checkpoint(output_dir, expect_optimizer=expect_optimizer)
-    step = -1
-    if checkpoint is not None:
-        step = json.loads((checkpoint / TRAINER_STATE).read_text())["global_step"]
+    step = -1 if checkpoint is None else checkpoint_step(checkpoint)
     dropped = truncate_metrics(metrics_path, step)
     if dropped:
         print(f"[conspo] {Path(metrics_path).name}: dropped {dropped} records written after "
@@ -253,6 +267,7 @@ def prepare_resume(output_dir: str | Path, metrics_path: str | Path, *, expect_o
 
 
 __all__ = [
-    "SaveError", "align_save_steps", "checkpoint_problem", "guard_checkpoint_saves", "last_complete_checkpoint",
-    "prepare_resume", "save_error", "truncate_metrics", "whole_run_loss", "write_atomic",
+    "SaveError", "align_save_steps", "checkpoint_problem", "checkpoint_step", "guard_checkpoint_saves",
+    "last_complete_checkpoint", "prepare_resume", "restore_finished", "save_error", "truncate_metrics",
+    "whole_run_loss", "write_atomic",
 ]

@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from conspo.checkpoints import write_atomic
 from conspo.plots import plot_bands, plot_credit, read_metrics
 from conspo.run import METRICS_FILE, RunError, train
 
@@ -64,7 +65,7 @@ def sampled_eval(run_dir: Path, summary: dict, train_options: dict, *, samples: 
     _, result = evaluate(model, tokenizer, task, samples=samples, ks=ks, temperature=temperature,
                          seed=summary["seed"], limit=limit, template=train_options.get("template") or "plain",
                          progress=False)
-    cached.write_text(json.dumps(result, indent=2))
+    write_atomic(cached, json.dumps(result, indent=2))  # a kill never leaves a torn cache for the rerun
     return result
 
 

@@ -25,9 +25,11 @@ from typing import Any
 from conspo.checkpoints import (
     SaveError,
     align_save_steps,
+    checkpoint_step,
     guard_checkpoint_saves,
     last_complete_checkpoint,
     prepare_resume,
+    restore_finished,
     save_error,
     whole_run_loss,
     write_atomic,
@@ -329,7 +331,10 @@ def train(
                             processing_class=tokenizer, peft_config=peft_config,
                             callbacks=_callbacks(metrics_path, evaluate, every))
     guard_checkpoint_saves(trainer)  # disk full while saving: a clear error, the previous checkpoint intact
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is not None and checkpoint_step(checkpoint) >= args.max_steps:
+        restore_finished(trainer, checkpoint)  # killed after the last step: transformers would take one more
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
 
     trained = trainer.model
     if lora:
