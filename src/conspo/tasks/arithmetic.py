@@ -1,0 +1,231 @@
+"""A procedural arithmetic task family: ``"12+7*3="`` -> ``"33"``.
+
+This is the built-in task of the embedded default (``conspo train`` with no arguments). Its difficulty is
+tunable (number of operands, digits per operand, operators); problems are generated, never downloaded.
+
+Train and held-out problems are disjoint by construction: a hash of the problem text (``"12+7*3"``) puts each
+possible problem in exactly one split, whatever the seed or the sizes asked for. The seed only picks which
+problems of each split are drawn, and the two splits are drawn from separate random streams, so the held-out
+set does not change when ``n_train`` does (and a smaller ``n_test`` gives a prefix of a larger one).
+
+The verifier :func:`score_integer` is a pure string function: it never evaluates model output.
+
+This module imports only the standard library and conspo's contracts, so it is cheap to import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+import re
+from dataclasses import asdict, dataclass
+
+from conspo.rewards.base import VerifyResult
+from conspo.tasks.base import Task
+
+_OPERATORS = "+-*"
+_SPLIT_SALT = b"conspo-arithmetic-split-v1:"
+# Fraction of the problem space that belongs to the held-out split (decided by the hash of each problem).
+TEST_FRACTION = 0.2
+# Problem spaces up to this size are enumerated (exact, and never stuck on rejection); larger ones are sampled.
+_ENUMERATE_LIMIT = 200_000
+
+
+@dataclass(frozen=True)
+class ArithmeticSpec:
+    """One difficulty setting of the arithmetic family.
+
+    n_operands: operands per expression, 2 to 6 (``"a+b"`` has 2).
+    digits:     each operand is drawn uniformly from ``0 .. 10**digits - 1``; 1 to 6.
+    operators:  the binary operators to draw from, a non-empty subset of ``"+-*"``; usual precedence
+                (``*`` before ``+`` and ``-``), no parentheses.
+    """
+
+    n_operands: int = 2
+    digits: int = 2
+    operators: str = "+-"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.n_operands <= 6:
+            raise ValueError(f"ArithmeticSpec.n_operands must be in [2, 6], got {self.n_operands}")
+        if not 1 <= self.digits <= 6:
+            raise ValueError(f"ArithmeticSpec.digits must be in [1, 6], got {self.digits}")
+        if not self.operators or any(c not in _OPERATORS for c in self.operators) or len(set(self.operators)) != len(
+            self.operators
+        ):
+            raise ValueError(
+                f"ArithmeticSpec.operators must be distinct characters from {_OPERATORS!r}, got {self.operators!r}"
+            )
+
+    @property
+    def space_size(self) -> int:
+        """How many distinct expressions this spec can produce (both splits together)."""
+        return (10**self.digits) ** self.n_operands * len(self.operators) ** (self.n_operands - 1)
+
+    @property
+    def max_answer_chars(self) -> int:
+        """An upper bound on the characters of any answer (sign included)."""
+        top = 10**self.digits - 1
+        if "*" in self.operators:
+            bound = top**self.n_operands
+        else:
+            bound = top * self.n_operands
+        return len(str(bound)) + 1
+
+
+# Named difficulty levels, easiest first. Level 3 is the embedded default (see docs/embedded_default.md).
+DIFFICULTIES: dict[int, ArithmeticSpec] = {
+    1: ArithmeticSpec(n_operands=2, digits=1, operators="+-"),
+    2: ArithmeticSpec(n_operands=2, digits=2, operators="+-"),
+    3: ArithmeticSpec(n_operands=3, digits=1, operators="+-*"),
+    4: ArithmeticSpec(n_operands=3, digits=2, operators="+-"),
+    5: ArithmeticSpec(n_operands=3, digits=2, operators="+-*"),
+    6: ArithmeticSpec(n_operands=4, digits=2, operators="+-*"),
+}
+DEFAULT_DIFFICULTY = 3
+
+
+def resolve_spec(difficulty: int | ArithmeticSpec) -> ArithmeticSpec:
+    """A named level (``DIFFICULTIES``) or an explicit :class:`ArithmeticSpec`."""
+    if isinstance(difficulty, ArithmeticSpec):
+        return difficulty
+    if isinstance(difficulty, int) and not isinstance(difficulty, bool) and difficulty in DIFFICULTIES:
+        return DIFFICULTIES[difficulty]
+    raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)} or an ArithmeticSpec, got {difficulty!r}")
+
+
+def evaluate(operands: tuple[int, ...], ops: tuple[str, ...]) -> int:
+    """The value of ``operands[0] ops[0] operands[1] ...`` with ``*`` binding tighter than ``+`` and ``-``."""
+    if len(ops) != len(operands) - 1:
+        raise ValueError("need exactly one operator between each pair of operands")
+    terms: list[int] = [operands[0]]  # signed products, summed at the end
+    for op, x in zip(ops, operands[1:]):
+        if op == "*":
+            terms[-1] *= x
+        elif op == "+":
+            terms.append(x)
+        elif op == "-":
+            terms.append(-x)
+        else:
+            raise ValueError(f"unknown operator {op!r}")
+    return sum(terms)
+
+
+def expression(operands: tuple[int, ...], ops: tuple[str, ...]) -> str:
+    """``(12, 7, 3), ("+", "*")`` -> ``"12+7*3"``."""
+    parts = [str(operands[0])]
+    for op, x in zip(ops, operands[1:]):
+        parts += [op, str(x)]
+    return "".join(parts)
+
+
+def is_test_expression(expr: str) -> bool:
+    """Whether the problem ``expr`` (e.g. ``"12+7*3"``) belongs to the held-out split. Depends on nothing else."""
+    digest = hashlib.sha256(_SPLIT_SALT + expr.encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "big") < TEST_FRACTION * 2**64
+
+
+def _problem(operands: tuple[int, ...], ops: tuple[str, ...]) -> dict:
+    expr = expression(operands, ops)
+    return {"question": expr + "=", "answer": str(evaluate(operands, ops))}
+
+
+def _draw(spec: ArithmeticSpec, n: int, *, test: bool, seed: int) -> list[dict]:
+    """``n`` distinct problems of one split, in a seed-determined order (prefix-stable in ``n``)."""
+    if n < 0:
+        raise ValueError(f"the number of problems must be >= 0, got {n}")
+    rng = random.Random(f"conspo-arithmetic:{seed}:{'test' if test else 'train'}")
+    split = "held-out" if test else "train"
+    if spec.space_size <= _ENUMERATE_LIMIT:
+        values = range(10**spec.digits)
+        pool = [
+            (a, o)
+            for a in itertools.product(values, repeat=spec.n_operands)
+            for o in itertools.product(spec.operators, repeat=spec.n_operands - 1)
+            if is_test_expression(expression(a, o)) == test
+        ]
+        if n > len(pool):
+            raise ValueError(f"{spec} has only {len(pool)} {split} problems, {n} were asked for")
+        rng.shuffle(pool)
+        return [_problem(a, o) for a, o in pool[:n]]
+    # Large space: rejection sampling without replacement. The split holds about TEST_FRACTION of the space,
+    # and n is at most half of it, so this ends quickly.
+    capacity = spec.space_size * (TEST_FRACTION if test else 1 - TEST_FRACTION)
+    if n > capacity / 2:
+        raise ValueError(f"{spec} has about {int(capacity)} {split} problems; ask for at most half of them, not {n}")
+    seen: set[str] = set()
+    out: list[dict] = []
+    top = 10**spec.digits - 1
+    while len(out) < n:
+        a = tuple(rng.randint(0, top) for _ in range(spec.n_operands))
+        o = tuple(rng.choice(spec.operators) for _ in range(spec.n_operands - 1))
+        expr = expression(a, o)
+        if expr in seen or is_test_expression(expr) != test:
+            continue
+        seen.add(expr)
+        out.append(_problem(a, o))
+    return out
+
+
+_INT_RUN = re.compile(r"[-\u2212]?[0-9]+")  # ASCII digits only: \d would accept other scripts' digits
+
+
+def _canonical_int(text: str) -> str:
+    """``"-007"`` -> ``"-7"``, ``"-0"`` -> ``"0"``; ``text`` must match ``_INT_RUN``. No int(): no size limit."""
+    negative = text[0] in "-\u2212"
+    digits = text.lstrip("-\u2212").lstrip("0") or "0"
+    return "-" + digits if negative and digits != "0" else digits
+
+
+def score_integer(completion: str, answer: str) -> VerifyResult:
+    """The strict verifier of the arithmetic task.
+
+    After stripping surrounding whitespace, the completion's first whitespace-separated run must be an
+    integer: an optional ``-`` (or the Unicode minus U+2212) and ASCII digits, nothing else attached
+    (``"33abc"`` and ``"33."`` are ``no_answer``). Text after the first run is ignored (``"33 is it"``
+    matches 33). Leading zeros are allowed (``"033"`` is 33). Scores 1.0 (``match``) or 0.0 (``mismatch``,
+    ``no_answer``); ``extracted`` is the integer in canonical form. Pure; never evaluates the completion.
+    """
+    head = completion.strip().split(maxsplit=1)
+    if not head or _INT_RUN.fullmatch(head[0]) is None:
+        return VerifyResult(score=0.0, extracted=None, reason="no_answer")
+    got = _canonical_int(head[0])
+    want = answer.strip()
+    if _INT_RUN.fullmatch(want) is not None and got == _canonical_int(want):
+        return VerifyResult(score=1.0, extracted=got, reason="match")
+    return VerifyResult(score=0.0, extracted=got, reason="mismatch")
+
+
+def make_task(
+    *,
+    difficulty: int | ArithmeticSpec = DEFAULT_DIFFICULTY,
+    n_train: int = 4000,
+    n_test: int = 500,
+    seed: int = 0,
+) -> Task:
+    """The arithmetic task at ``difficulty`` (a level of ``DIFFICULTIES`` or an :class:`ArithmeticSpec`).
+
+    Problems are ``{"question": "12+7*3=", "answer": "33"}``. ``train`` and ``test`` are disjoint whatever the
+    arguments (see the module docstring); the same arguments always give the same problems in the same order.
+    """
+    spec = resolve_spec(difficulty)
+    train = _draw(spec, n_train, test=False, seed=seed)
+    test = _draw(spec, n_test, test=True, seed=seed)
+    return Task(
+        name="arithmetic",
+        train=train,
+        test=test,
+        verifier=score_integer,
+        instruction="",
+        # answer characters + end-of-sequence, with one token of slack: a wrong answer may be a digit longer.
+        max_completion_length=spec.max_answer_chars + 2,
+        metadata={
+            "spec": asdict(spec),
+            "difficulty": difficulty if isinstance(difficulty, int) else None,
+            "seed": seed,
+            "n_train": n_train,
+            "n_test": n_test,
+            "split": f"sha256 of the expression, {TEST_FRACTION:.0%} held out",
+        },
+    )
