@@ -184,7 +184,7 @@ def write_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees the old or the new
     content, never a torn file (``summary.json`` marks a finished run for ``conspo compare``)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: ranks may write the same file
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -256,10 +256,12 @@ def restore_finished(trainer: Any, checkpoint: str | Path) -> None:
 
 def prepare_resume(output_dir: str | Path, metrics_path: str | Path, *, expect_optimizer: bool = True) -> Path | None:
     """For ``--resume``: the checkpoint to load (newest complete one, or None to start over) after cutting
-    ``metrics.jsonl`` back to it."""
-    checkpoint = last_complete_checkpoint(output_dir, expect_optimizer=expect_optimizer)
+    ``metrics.jsonl`` back to it. Under torchrun / accelerate every process picks the same checkpoint; only
+    the main one (``RANK`` 0) removes incomplete checkpoints and rewrites the metrics file."""
+    main = int(os.environ.get("RANK", "0")) == 0
+    checkpoint = last_complete_checkpoint(output_dir, expect_optimizer=expect_optimizer, remove_incomplete=main)
     step = -1 if checkpoint is None else checkpoint_step(checkpoint)
-    dropped = truncate_metrics(metrics_path, step)
+    dropped = truncate_metrics(metrics_path, step) if main else 0
     if dropped:
         print(f"[conspo] {Path(metrics_path).name}: dropped {dropped} records written after "
               f"{checkpoint.name if checkpoint else 'the start'} (they are redone now)")
