@@ -1,0 +1,510 @@
+"""The method comparison of issue 7 at a larger scale, on one GPU, in one call (about 10 minutes, nothing downloaded).
+
+What it does, in order:
+
+1. builds conspo's character tokenizer and a Qwen2 model from a config (``--scale base``: hidden 512, 8 layers,
+   about 34M parameters; ``--scale large``: hidden 768, 12 layers, about 113M), on CUDA, fp32 weights;
+2. draws a harder arithmetic task than the CPU default (default ``3x2:+-*``: three 2-digit operands with ``+ - *``,
+   answers up to 7 characters, completions of up to 9 tokens, against 2 operands ``+ -`` and 6 tokens on CPU);
+3. warm-starts the model with a short supervised phase (bf16 autocast, completion tokens only) until greedy
+   accuracy on a validation slice of the *training* problems reaches ``--sft-stop-at`` or ``--sft-seconds`` run
+   out; the warm-started weights are saved once;
+4. for each method (``--methods``) and seed (``--seeds``): reloads those weights, measures held-out greedy
+   accuracy, trains ``--rl-steps`` steps of ConSPOTrainer with ``preset_config(method, ...)`` (bf16 mixed
+   precision, ``fast_generation`` as given, default ``auto``), measures held-out greedy accuracy again. Every run
+   has the same rollout budget: the same steps, prompts per step, ``num_generations``, completion length and
+   temperature;
+5. writes ``results.json`` and ``results.md`` to ``--out`` after every run (so a run cut short keeps what finished)
+   and prints the results table last.
+
+    python benchmarks/gpu_study.py                                      # on the GPU machine: the full comparison
+    python benchmarks/gpu_study.py --scale large --sft-seconds 120 --rl-steps 60 --methods conspo,grpo
+    python benchmarks/gpu_study.py --sft-seconds 40 --rl-steps 15 --methods conspo,grpo --fast-generation off
+    python benchmarks/gpu_study.py --cpu-smoke                          # tiny sizes on CPU, 2 RL steps, 2 methods
+
+On the lent GPU machine, run it with the carried wheels (docs/benchmarks.md, "GPU study (issue 7)"):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu_wheels/*.whl
+    PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_study.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()
+
+METHODS_DEFAULT = "conspo,disco,grpo,dapo,gspo"
+
+# Model shapes (TinyModelSpec fields) and the settings that go with them.
+SCALES = {
+    "base": dict(spec=dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=2048,
+                           max_position_embeddings=64),
+                 sft_lr=5e-4, sft_batch=256, sft_seconds=60.0),
+    "large": dict(spec=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                            max_position_embeddings=64),
+                  sft_lr=3e-4, sft_batch=256, sft_seconds=120.0),
+    # --cpu-smoke only: a few seconds per phase on 2 CPU cores.
+    "smoke": dict(spec=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                            max_position_embeddings=32),
+                  sft_lr=3e-3, sft_batch=64, sft_seconds=8.0),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_study {time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def parse_difficulty(text: str):
+    """``"3x2:+-*"`` -> ``ArithmeticSpec(n_operands=3, digits=2, operators="+-*")``."""
+    from conspo.tasks.arithmetic import ArithmeticSpec
+
+    try:
+        shape, ops = text.split(":", 1)
+        n, d = (int(x) for x in shape.lower().split("x"))
+    except ValueError as err:
+        raise SystemExit(f"--difficulty {text!r}: expected OPERANDSxDIGITS:OPERATORS, e.g. 3x2:+-*") from err
+    try:
+        return ArithmeticSpec(n_operands=n, digits=d, operators=ops)
+    except ValueError as err:
+        raise SystemExit(f"--difficulty {text!r}: {err}") from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=("base", "large"), default="base",
+                   help="base: hidden 512 x 8 layers (~34M); large: hidden 768 x 12 layers (~113M)")
+    p.add_argument("--methods", default=METHODS_DEFAULT, help=f"comma-separated presets (default {METHODS_DEFAULT})")
+    p.add_argument("--seeds", default="1",
+                   help="a count N (seeds 0..N-1) or a comma-separated list of seeds, e.g. 0,1,2 (default 1)")
+    p.add_argument("--difficulty", default="3x2:+-*", help="arithmetic OPERANDSxDIGITS:OPERATORS (default 3x2:+-*)")
+    p.add_argument("--n-train", type=int, default=100_000, help="training problems (SFT and RL prompts)")
+    p.add_argument("--n-test", type=int, default=1000, help="held-out problems for greedy accuracy")
+    p.add_argument("--sft-seconds", type=float, default=None, help="time budget of the warm start (default: by scale)")
+    p.add_argument("--sft-max-steps", type=int, default=20_000, help="step cap of the warm start")
+    p.add_argument("--sft-stop-at", type=float, default=0.45,
+                   help="stop the warm start once validation greedy accuracy reaches this (leaves RL headroom)")
+    p.add_argument("--sft-eval-every", type=int, default=150, help="warm-start steps between validation evaluations")
+    p.add_argument("--sft-lr", type=float, default=None, help="warm-start AdamW learning rate (default: by scale)")
+    p.add_argument("--sft-batch", type=int, default=None, help="warm-start batch size (default: by scale)")
+    p.add_argument("--val-size", type=int, default=512, help="training problems held back to decide when SFT stops")
+    p.add_argument("--rl-steps", type=int, default=100, help="optimizer steps per RL run (the per-run budget)")
+    p.add_argument("--prompts", type=int, default=64, help="prompts per RL step")
+    p.add_argument("--num-generations", type=int, default=8, help="rollouts per prompt")
+    p.add_argument("--completion-length", type=int, default=None,
+                   help="max_completion_length (default: the task's, answer characters + 2)")
+    p.add_argument("--lr", type=float, default=2e-5, help="RL learning rate (constant), same for every method")
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
+    p.add_argument("--fast-generation", choices=("auto", "on", "off"), default="auto",
+                   help="ConSPOConfig.fast_generation (auto: compiled static-cache decoding on CUDA)")
+    p.add_argument("--out", default=None, help="results folder (default: $OUT when set, else runs/gpu_study)")
+    p.add_argument("--work-dir", default=None, help="where the warm-started weights and trainer folders go "
+                   "(default: a temporary folder, removed at the end)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="tiny model and task on CPU, 2 RL steps, methods conspo,grpo: checks the script end to end")
+    return p
+
+
+def apply_smoke(args: argparse.Namespace) -> None:
+    args.scale_name = "smoke"
+    args.difficulty = "2x2:+-"
+    args.n_train, args.n_test, args.val_size = 2000, 48, 48
+    args.sft_seconds = args.sft_seconds or SCALES["smoke"]["sft_seconds"]
+    args.sft_max_steps = min(args.sft_max_steps, 300)
+    args.sft_eval_every = 50
+    args.rl_steps = 2
+    args.prompts, args.num_generations = 4, 4
+    if args.methods == METHODS_DEFAULT:
+        args.methods = "conspo,grpo"
+
+
+def parse_seeds(text: str) -> list[int]:
+    if "," in text:
+        return [int(s) for s in text.split(",") if s.strip()]
+    n = int(text)
+    if n < 1:
+        raise SystemExit(f"--seeds {text!r}: give a count >= 1 or a comma-separated list")
+    return list(range(n))
+
+
+# ------------------------------------------------------------------------------------------ model and data
+
+
+def encode_sft(tokenizer, problems, device):
+    """Right-padded ``input_ids`` and ``labels`` (-100 on prompt and padding): completion = answer + EOS."""
+    import torch
+
+    # The tokenizer is one token per character: a vocabulary lookup gives its ids many times faster than
+    # calling it on 100k strings (checked against the tokenizer on the first problems).
+    vocab, unk = tokenizer.get_vocab(), tokenizer.unk_token_id
+    prompts = [[vocab.get(ch, unk) for ch in p["question"]] for p in problems]
+    answers = [[vocab.get(ch, unk) for ch in p["answer"]] for p in problems]
+    head = problems[:64]
+    if (tokenizer([p["question"] for p in head], add_special_tokens=False)["input_ids"] != prompts[: len(head)]
+            or tokenizer([p["answer"] for p in head], add_special_tokens=False)["input_ids"] != answers[: len(head)]):
+        raise RuntimeError("encode_sft: the tokenizer is not one token per character")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    width = max(len(q) + len(a) + 1 for q, a in zip(prompts, answers))
+    rows, masks = [], []
+    for q, a in zip(prompts, answers):
+        fill = width - len(q) - len(a) - 1
+        rows.append(q + a + [eos] + [pad] * fill)
+        masks.append([-100] * len(q) + a + [eos] + [-100] * fill)
+    return torch.tensor(rows, device=device), torch.tensor(masks, device=device)
+
+
+def greedy_accuracy(model, tokenizer, problems, verifier, *, max_new_tokens: int, batch_size: int = 1024) -> float:
+    """Mean verifier score of greedy completions (left-padded batches on the model's device)."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    score = 0.0
+    with torch.no_grad():
+        for i in range(0, len(problems), batch_size):
+            chunk = problems[i : i + batch_size]
+            enc = tokenizer([p["question"] for p in chunk], add_special_tokens=False, padding=True,
+                            padding_side="left", return_tensors="pt").to(device)
+            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            score += sum(verifier(t, p["answer"]).score for t, p in zip(texts, chunk))
+    model.train(was_training)
+    return score / max(1, len(problems))
+
+
+def warm_start(model, tokenizer, train, val, verifier, *, device, seconds, max_steps, batch, lr, stop_at,
+               eval_every, max_new_tokens, seed) -> dict:
+    """Supervised warm start on ``train`` (completion tokens only) until ``val`` accuracy >= stop_at or time is up."""
+    import torch
+
+    cuda = device.type == "cuda"
+    ids, labels = encode_sft(tokenizer, train, device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0, fused=cuda)
+    warmup = 100
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    history, val_acc, step, reason = [], 0.0, 0, "max_steps"
+    model.train()
+    start = time.perf_counter()
+    for step in range(1, max_steps + 1):
+        idx = torch.randint(len(train), (batch,), generator=gen, device=device)
+        b_ids, b_labels = ids[idx], labels[idx]
+        mask = (b_ids != tokenizer.pad_token_id) | (b_labels != -100)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = model(input_ids=b_ids, attention_mask=mask.long()).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                                                 b_labels[:, 1:].reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        out_of_time = time.perf_counter() - start >= seconds
+        if step % eval_every == 0 or out_of_time or step == max_steps:
+            val_acc = greedy_accuracy(model, tokenizer, val, verifier, max_new_tokens=max_new_tokens)
+            model.train()
+            elapsed = time.perf_counter() - start
+            history.append([step, round(loss.item(), 4), round(val_acc, 4), round(elapsed, 1)])
+            log(f"warm start step {step}: loss {loss.item():.3f}, validation greedy accuracy {val_acc:.3f} "
+                f"({elapsed:.0f}s)")
+            if val_acc >= stop_at:
+                reason = f"validation accuracy >= {stop_at}"
+                break
+            if out_of_time:
+                reason = f"time budget {seconds:g}s"
+                break
+    model.eval()
+    return {"steps": step, "val_accuracy": val_acc, "seconds": round(time.perf_counter() - start, 1),
+            "stopped_by": reason, "history": history}
+
+
+# ------------------------------------------------------------------------------------------------- RL runs
+
+
+def _progress_callback_class():
+    from transformers import TrainerCallback
+
+    class ProgressLine(TrainerCallback):
+        """Logs step, reward and elapsed time every ``every`` optimizer steps."""
+
+        def __init__(self, every: int, t0: float) -> None:
+            self.every, self.t0 = every, t0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            step = state.global_step
+            if logs and "reward" in logs and (step % self.every == 0 or step == state.max_steps):
+                log(f"  step {step}/{state.max_steps}: reward {logs['reward']:.3f}, "
+                    f"length {logs.get('completions/mean_length', float('nan')):.2f}, "
+                    f"{time.perf_counter() - self.t0:.1f}s into the run")
+
+    return ProgressLine
+
+
+def _ProgressLine(every: int, t0: float):
+    return _progress_callback_class()(every, t0)
+
+
+def rl_run(method: str, seed: int, *, args, task, tokenizer, warm_dir: Path, work: Path, device, max_new: int,
+           train_set) -> dict:
+    import torch
+    from transformers import PrinterCallback, Qwen2ForCausalLM
+
+    from conspo.presets import preset_config, preset_reward_funcs
+    from conspo.rewards import make_reward_func
+    from conspo.trainer import ConSPOTrainer
+
+    cuda = device.type == "cuda"
+    t_run = time.perf_counter()
+    model = Qwen2ForCausalLM.from_pretrained(warm_dir, dtype=torch.float32).to(device)
+    before = greedy_accuracy(model, tokenizer, task.test, task.verifier, max_new_tokens=max_new)
+    out_dir = work / f"{method}-seed{seed}"
+    config = preset_config(
+        method,
+        output_dir=str(out_dir),
+        max_steps=args.rl_steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        num_generations=args.num_generations,
+        per_device_train_batch_size=args.prompts * args.num_generations,
+        max_completion_length=max_new,
+        temperature=args.temperature,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        use_cpu=not cuda,
+        bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+        fast_generation=args.fast_generation,
+    )
+    rewards = [make_reward_func(task.verifier, name="correct"), *preset_reward_funcs(method, config)]
+    if len(rewards) > 1 and config.correctness_reward is None:
+        config.correctness_reward = "correct"  # DAPO's length penalty must not decide correctness
+    trainer = ConSPOTrainer(model=model, reward_funcs=rewards, args=config, train_dataset=train_set,
+                            processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)  # one dict per step is too much; a short line every few steps instead
+    trainer.add_callback(_ProgressLine(max(1, args.rl_steps // 5), t_run))
+    if cuda:
+        torch.cuda.synchronize()
+    t_rl = time.perf_counter()
+    trainer.train()
+    if cuda:
+        torch.cuda.synchronize()
+    rl_s = time.perf_counter() - t_rl
+    after = greedy_accuracy(trainer.model, tokenizer, task.test, task.verifier, max_new_tokens=max_new)
+    logs = [r for r in trainer.state.log_history if "reward" in r]
+    curve = [[r.get("step"), round(r["reward"], 4), round(r.get("completions/mean_length", float("nan")), 2)]
+             for r in logs]
+    fast = getattr(trainer, "fast_generation", None)
+    result = {
+        "method": method,
+        "seed": seed,
+        "heldout_before": before,
+        "heldout_after": after,
+        "gain_points": 100 * (after - before),
+        "rl_steps": trainer.state.global_step,
+        "rl_seconds": round(rl_s, 1),
+        "run_seconds": round(time.perf_counter() - t_run, 1),
+        "fast_generation": bool(fast is not None and fast.enabled),
+        "reward_first": curve[0][1] if curve else None,
+        "reward_last": curve[-1][1] if curve else None,
+        "curve_step_reward_length": curve,
+    }
+    del trainer, model
+    if cuda:
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()  # each run compiles its own decoding step; do not pile up guards across runs
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def fmt_pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def results_table(runs: list[dict]) -> str:
+    lines = ["| method | seed | held-out before | held-out after | gain (points) | RL steps | RL wall (s) | "
+             "run wall (s) | reward first -> last step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        rw = "-" if r["reward_first"] is None else f"{r['reward_first']:.3f} -> {r['reward_last']:.3f}"
+        lines.append(f"| {r['method']} | {r['seed']} | {fmt_pct(r['heldout_before'])} | {fmt_pct(r['heldout_after'])} "
+                     f"| {r['gain_points']:+.1f} | {r['rl_steps']} | {r['rl_seconds']:.1f} | {r['run_seconds']:.1f} "
+                     f"| {rw} |")
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    if any(sum(r["method"] == m for r in runs) > 1 for m in methods):
+        lines += ["", "| method | seeds | held-out before | held-out after (mean) | gain mean (sd), points |",
+                  "|---|---|---|---|---|"]
+        for m in methods:
+            rs = [r for r in runs if r["method"] == m]
+            gains = [r["gain_points"] for r in rs]
+            sd = statistics.stdev(gains) if len(gains) > 1 else float("nan")
+            lines.append(f"| {m} | {','.join(str(r['seed']) for r in rs)} | "
+                         f"{fmt_pct(statistics.mean(r['heldout_before'] for r in rs))} | "
+                         f"{fmt_pct(statistics.mean(r['heldout_after'] for r in rs))} | "
+                         f"{statistics.mean(gains):+.1f} ({'-' if math.isnan(sd) else f'{sd:.1f}'}) |")
+    return "\n".join(lines)
+
+
+def header(meta: dict) -> str:
+    s = meta["sft"]
+    return "\n".join([
+        f"GPU study (issue 7), {meta['date']}, device: {meta['device']}",
+        f"command: {meta['command']}",
+        f"model: Qwen2 {meta['model_shape']}, {meta['params_m']:.1f}M parameters; task: arithmetic "
+        f"{meta['difficulty']} ({meta['n_train']} train, {meta['n_test']} held-out), completions <= "
+        f"{meta['max_completion_length']} tokens",
+        f"warm start: {s['steps']} steps in {s['seconds']}s, validation greedy accuracy {fmt_pct(s['val_accuracy'])} "
+        f"(stopped by {s['stopped_by']})",
+        f"RL per run: {meta['rl']['steps']} steps x {meta['rl']['prompts']} prompts x "
+        f"{meta['rl']['num_generations']} rollouts, lr {meta['rl']['lr']:g}, temperature {meta['rl']['temperature']:g}, "
+        f"fast_generation={meta['rl']['fast_generation']}",
+    ])
+
+
+def write_results(out: Path, meta: dict, runs: list[dict]) -> str:
+    text = header(meta) + "\n\n" + results_table(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
+    os.replace(tmp, out / "results.json")
+    (out / "results.md").write_text(text + "\n")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.scale_name = args.scale
+    if args.cpu_smoke:
+        apply_smoke(args)
+    scale = SCALES[args.scale_name]
+    args.sft_seconds = args.sft_seconds if args.sft_seconds is not None else scale["sft_seconds"]
+    args.sft_lr = args.sft_lr or scale["sft_lr"]
+    args.sft_batch = args.sft_batch or scale["sft_batch"]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    seeds = parse_seeds(args.seeds)
+    out = Path(args.out or os.environ.get("OUT") or "runs/gpu_study")
+
+    import torch
+
+    from conspo.presets import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; accepted: {', '.join(METHODS)}")
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        raise SystemExit("no CUDA device: this study is for a GPU; use --cpu-smoke to check the script on CPU")
+
+    from datasets import Dataset
+
+    from conspo.tasks.arithmetic import make_task
+    from conspo.tasks.tiny_model import TinyModelSpec, build_model, build_tokenizer
+
+    spec_ar = parse_difficulty(args.difficulty)
+    task = make_task(difficulty=spec_ar, n_train=args.n_train + args.val_size, n_test=args.n_test, seed=0)
+    train, val = task.train[: -args.val_size], task.train[-args.val_size :]
+    max_new = args.completion_length or task.max_completion_length
+    tokenizer = build_tokenizer()
+    spec = TinyModelSpec(**scale["spec"])
+    longest = max(len(p["question"]) for p in task.train + task.test) + max_new
+    if longest > spec.max_position_embeddings:
+        raise SystemExit(f"prompt + completion up to {longest} tokens > max_position_embeddings "
+                         f"{spec.max_position_embeddings}; use an easier --difficulty or a shorter --completion-length")
+    model = build_model(tokenizer, spec, seed=0).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, " \
+        f"{os.cpu_count()} cores)"
+    log(f"device {device_name}; torch {torch.__version__}; model {n_params / 1e6:.1f}M parameters; task "
+        f"{args.difficulty}: {len(train)} train, {len(val)} validation, {len(task.test)} held-out; "
+        f"completions <= {max_new} tokens")
+
+    sft = warm_start(model, tokenizer, train, val, task.verifier, device=device, seconds=args.sft_seconds,
+                     max_steps=args.sft_max_steps, batch=args.sft_batch, lr=args.sft_lr, stop_at=args.sft_stop_at,
+                     eval_every=args.sft_eval_every, max_new_tokens=max_new, seed=0)
+    sft["heldout_accuracy"] = greedy_accuracy(model, tokenizer, task.test, task.verifier, max_new_tokens=max_new)
+    log(f"warm start done: {sft['steps']} steps, {sft['seconds']}s, validation {sft['val_accuracy']:.3f}, "
+        f"held-out {sft['heldout_accuracy']:.3f} ({sft['stopped_by']})")
+    if not 0.2 <= sft["heldout_accuracy"] <= 0.6:
+        log(f"note: held-out accuracy after the warm start is {sft['heldout_accuracy']:.3f}, outside the 20-60% "
+            "aimed at; adjust --sft-seconds / --sft-stop-at")
+
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="conspo-gpu-study-"))
+    warm_dir = work / "warm_start"
+    model.save_pretrained(warm_dir)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    import transformers
+    import trl
+
+    meta = {
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device_name,
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "trl": trl.__version__},
+        "scale": args.scale_name,
+        "model_shape": ", ".join(f"{k}={v}" for k, v in scale["spec"].items()),
+        "params_m": n_params / 1e6,
+        "difficulty": args.difficulty,
+        "n_train": len(train),
+        "n_test": len(task.test),
+        "max_completion_length": max_new,
+        "sft": {k: v for k, v in sft.items()},
+        "rl": {"steps": args.rl_steps, "prompts": args.prompts, "num_generations": args.num_generations,
+               "lr": args.lr, "temperature": args.temperature, "fast_generation": args.fast_generation,
+               "methods": methods, "seeds": seeds},
+    }
+    train_set = Dataset.from_list([{"prompt": p["question"], "answer": p["answer"]} for p in train])
+    runs: list[dict] = []
+    write_results(out, meta, runs)
+    for seed in seeds:
+        for method in methods:
+            log(f"RL run {method} seed {seed}: {args.rl_steps} steps")
+            r = rl_run(method, seed, args=args, task=task, tokenizer=tokenizer, warm_dir=warm_dir, work=work,
+                       device=device, max_new=max_new, train_set=train_set)
+            runs.append(r)
+            log(f"RL run {method} seed {seed}: held-out {r['heldout_before']:.3f} -> {r['heldout_after']:.3f} "
+                f"({r['gain_points']:+.1f} points), RL {r['rl_seconds']}s, run {r['run_seconds']}s, "
+                f"fast generation {'on' if r['fast_generation'] else 'off'}")
+            meta["total_seconds"] = round(time.perf_counter() - T0, 1)
+            write_results(out, meta, runs)
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    meta["total_seconds"] = round(time.perf_counter() - T0, 1)
+    text = write_results(out, meta, runs)
+    print(f"\nresults in {out}/results.json and {out}/results.md; total {meta['total_seconds']}s\n", flush=True)
+    print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
