@@ -3,8 +3,17 @@
 A random-init model earns no reward, so RL has nothing to work with. :func:`warm_start` trains a tiny
 model briefly on a task's training problems (prompt tokens masked out of the loss, completion = answer +
 end-of-sequence) and stops early, when greedy accuracy on a validation slice of the *training* problems
-reaches ``WarmStartConfig.stop_at``: the model then answers a fair share of held-out problems but leaves
-headroom for RL. The held-out split is never looked at here.
+reaches ``WarmStartConfig.stop_at``. The held-out split is never looked at here.
+
+The supervised targets come from an imperfect teacher with a habit: when the answer is odd it writes the
+next integer instead (``37`` -> ``38``) on a fixed fraction ``teacher_slip`` of those problems (chosen by a
+hash of the question; :func:`teacher_answer`). Validation uses the true answers. Why: a model that is merely
+undertrained leaves RL little to do that a few more supervised steps would not do better (measured: +8 to +12
+points of held-out greedy accuracy after 60 GRPO steps, whatever the learning rate), while a warm start that has
+learnt a systematic, predictable mistake, as pretrained models carry habits from imperfect data, keeps the
+right answer as a sampled minority that RL with a verifier promotes: on the default task the warm-started model
+answers 78% of the even-answer and 8% of the odd-answer held-out problems, and 60 GRPO steps lift the odd ones to
+53% (+27 points overall; docs/embedded_default.md).
 
 The result is saved with ``save_pretrained`` under a cache directory keyed by a hash of everything that
 decides it (the problems, the model and training settings, the seed, ``CACHE_VERSION``), written to a
@@ -34,7 +43,7 @@ from conspo.rewards.base import Verifier
 from conspo.tasks.base import Task
 
 # Bump when the tokenizer, the model construction or the training loop changes meaning: old caches are ignored.
-CACHE_VERSION = "tiny-v1"
+CACHE_VERSION = "tiny-v3"
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -149,16 +158,19 @@ class WarmStartConfig:
     val_size:     problems held back from the end of ``task.train`` to decide when to stop (never ``task.test``).
     eval_every:   steps between greedy evaluations on the validation slice.
     stop_at:      stop once validation greedy accuracy reaches this; leaves RL headroom. 1.0 never stops early.
+    teacher_slip: fraction of the training problems with an odd answer whose supervised target is the next
+                  integer (see the module docstring); 0 trains on the true answers only.
     """
 
-    max_steps: int = 1500
-    batch_size: int = 64
-    learning_rate: float = 3e-3
+    max_steps: int = 2000
+    batch_size: int = 128
+    learning_rate: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.0
-    val_size: int = 256
+    val_size: int = 512
     eval_every: int = 25
-    stop_at: float = 0.35
+    stop_at: float = 0.4
+    teacher_slip: float = 0.6
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "val_size", "eval_every"):
@@ -170,15 +182,21 @@ class WarmStartConfig:
             raise ValueError(f"WarmStartConfig.learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 < self.stop_at <= 1.0:
             raise ValueError(f"WarmStartConfig.stop_at must be in (0, 1], got {self.stop_at}")
+        if not 0.0 <= self.teacher_slip <= 1.0:
+            raise ValueError(f"WarmStartConfig.teacher_slip must be in [0, 1], got {self.teacher_slip}")
 
 
 # The RL settings measured to raise held-out greedy accuracy on the default task (docs/embedded_default.md).
 # Keys are GRPOConfig fields; ``per_device_train_batch_size`` counts completions (8 prompts x 8 completions).
+# 32 prompts x 8 completions per step; lr 1e-4 (5e-5 gains less, 2e-4 about as much). Measured on the default
+# warm start in docs/embedded_default.md.
 DEFAULT_RL = dict(
-    learning_rate=5e-4,
+    learning_rate=1e-4,
+    lr_scheduler_type="constant",
+    warmup_steps=0,
     max_steps=60,
     num_generations=8,
-    per_device_train_batch_size=64,
+    per_device_train_batch_size=256,  # 32 prompts x 8 completions
     max_completion_length=6,
     temperature=1.0,
     beta=0.0,
@@ -236,13 +254,36 @@ def _completion_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Te
     )
 
 
+_SLIP_SALT = b"conspo-teacher-slip-v1:"
+
+
+def teacher_answer(question: str, answer: str, slip: float) -> str:
+    """The imperfect teacher's target for one problem (see the module docstring).
+
+    An odd integer answer becomes the next integer (``"37"`` -> ``"38"``, ``"-7"`` -> ``"-6"``) when a hash of
+    ``question`` falls in the first ``slip`` fraction; any other answer (even, not an integer) is kept.
+    """
+    text = answer.strip()
+    body = text[1:] if text[:1] == "-" else text
+    if not (body.isascii() and body.isdigit() and len(body) <= 30) or int(body[-1]) % 2 == 0:
+        return answer
+    digest = hashlib.sha256(_SLIP_SALT + question.encode("utf-8")).digest()
+    if int.from_bytes(digest[:8], "big") >= slip * 2**64:
+        return answer
+    return str(int(text) + 1)
+
+
 def supervised_train(
     model, tokenizer: PreTrainedTokenizerFast, task: Task, config: WarmStartConfig, *, seed: int = 0, log=None
 ) -> dict:
-    """Train ``model`` in place on ``task.train`` minus its last ``val_size`` problems; returns a summary."""
+    """Train ``model`` in place on ``task.train`` minus its last ``val_size`` problems; returns a summary.
+
+    Targets are the teacher's (``teacher_slip``); stopping is decided on the true answers of the validation slice.
+    """
     if len(task.train) <= config.val_size:
         raise ValueError(f"task.train has {len(task.train)} problems; need more than val_size={config.val_size}")
     train, val = task.train[: -config.val_size], task.train[-config.val_size :]
+    train = [{**p, "answer": teacher_answer(p["question"], p["answer"], config.teacher_slip)} for p in train]
     ids, labels = _encode_examples(tokenizer, train, task.instruction)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -259,7 +300,14 @@ def supervised_train(
         opt.step()
         sched.step()
         if step % config.eval_every == 0 or step == config.max_steps:
-            val_acc = greedy_accuracy(model, tokenizer, val, task.verifier, instruction=task.instruction)
+            val_acc = greedy_accuracy(
+                model,
+                tokenizer,
+                val,
+                task.verifier,
+                instruction=task.instruction,
+                max_new_tokens=task.max_completion_length,
+            )
             model.train()
             history.append((step, round(loss.item(), 4), val_acc))
             if log is not None:
@@ -343,7 +391,11 @@ def greedy_completions(
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(
-            list(prompts[i : i + batch_size]), add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
+            list(prompts[i : i + batch_size]),
+            add_special_tokens=False,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
         )
         gen = model.generate(
             **enc,

@@ -1,0 +1,253 @@
+"""The embedded tiny model: tokenizer, model from config, cached atomic warm start, greedy accuracy."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from conspo.rewards.base import VerifyResult
+from conspo.tasks import tiny_model
+from conspo.tasks.arithmetic import make_task
+from conspo.tasks.tiny_model import (
+    CHARACTERS,
+    DEFAULT_RL,
+    TinyModelSpec,
+    WarmStartConfig,
+    build_model,
+    build_tokenizer,
+    cache_key,
+    greedy_accuracy,
+    greedy_completions,
+    load_tiny,
+    teacher_answer,
+    warm_start,
+)
+
+TINY_SPEC = TinyModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+TINY_CONFIG = WarmStartConfig(max_steps=3, batch_size=8, val_size=8, eval_every=2, warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_task(difficulty=1, n_train=40, n_test=10)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def _warm(task, tmp_path, **kw):
+    return warm_start(task, cache_dir=tmp_path, spec=TINY_SPEC, config=TINY_CONFIG, **kw)
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text", ["12+7*3=", "  -5 ", "a  b\tc\nd", "".join(CHARACTERS), "x = (3 * 4) - 5 !", "<eos> literal? no: <eos"]
+)
+def test_tokenizer_round_trip_keeps_every_character(tokenizer, text, tmp_path):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    tokenizer.save_pretrained(tmp_path)
+    again = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert again.decode(ids) == text
+
+
+def test_tokenizer_is_one_token_per_character_with_no_added_specials(tokenizer):
+    assert tokenizer("12+7=")["input_ids"] == [tokenizer.convert_tokens_to_ids(c) for c in "12+7="]
+    assert len(tokenizer(" " * 5)["input_ids"]) == 5
+    eos = tokenizer.eos_token_id
+    assert tokenizer.decode([tokenizer.convert_tokens_to_ids("3"), eos], skip_special_tokens=True) == "3"
+    assert len({tokenizer.pad_token_id, tokenizer.bos_token_id, eos, tokenizer.unk_token_id}) == 4
+    assert tokenizer("\u2212")["input_ids"] == [tokenizer.unk_token_id]
+    assert tokenizer.padding_side == "left"
+
+
+def test_chat_template_renders_the_plain_prompt(tokenizer):
+    chat = [{"role": "user", "content": "12+7="}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == "12+7="
+    rendered = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert list(rendered["input_ids"]) == tokenizer("12+7=")["input_ids"]
+    full = chat + [{"role": "assistant", "content": "19"}]
+    assert tokenizer.apply_chat_template(full, tokenize=False) == "12+7=19<eos>"
+
+
+# --- model ----------------------------------------------------------------------------------------------------
+
+
+def test_model_built_from_config(tokenizer):
+    model = build_model(tokenizer, TINY_SPEC, seed=0)
+    cfg = model.config
+    assert cfg.model_type == "qwen2" and cfg.vocab_size == len(tokenizer)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (32, 1, 4)
+    assert (cfg.pad_token_id, cfg.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    ids = torch.tensor([tokenizer("1+2=")["input_ids"]])
+    assert model(input_ids=ids).logits.shape == (1, 4, len(tokenizer))
+    same = build_model(tokenizer, TINY_SPEC, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
+
+
+def test_spec_and_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="hidden_size"):
+        TinyModelSpec(hidden_size=30, num_attention_heads=4)
+    with pytest.raises(ValueError, match="stop_at"):
+        WarmStartConfig(stop_at=0.0)
+    with pytest.raises(ValueError, match="teacher_slip"):
+        WarmStartConfig(teacher_slip=1.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        WarmStartConfig(batch_size=0)
+
+
+def test_default_rl_is_a_valid_grpo_setting():
+    assert DEFAULT_RL["per_device_train_batch_size"] % DEFAULT_RL["num_generations"] == 0
+    assert DEFAULT_RL["max_completion_length"] >= make_task().max_completion_length
+
+
+# --- the imperfect teacher -----------------------------------------------------------------------------------
+
+
+def test_teacher_answer_only_moves_odd_integers_and_only_on_a_fraction():
+    assert teacher_answer("1+2=", "3", 1.0) == "4"
+    assert teacher_answer("9-16=", "-7", 1.0) == "-6"
+    assert teacher_answer("20+19=", "39", 1.0) == "40"
+    assert teacher_answer("1+3=", "4", 1.0) == "4"  # even answers are never touched
+    assert teacher_answer("q", "3", 0.0) == "3"
+    assert teacher_answer("q", "3.5", 1.0) == "3.5" and teacher_answer("q", "abc", 1.0) == "abc"
+    questions = [f"{i}+0=" for i in range(1, 4000, 2)]
+    moved = sum(teacher_answer(q, q.split("+")[0], 0.6) != q.split("+")[0] for q in questions) / len(questions)
+    assert 0.55 < moved < 0.65
+    assert [teacher_answer(q, "7", 0.6) for q in questions[:50]] == [
+        teacher_answer(q, "7", 0.6) for q in questions[:50]
+    ]
+
+
+# --- warm start and its cache --------------------------------------------------------------------------------
+
+
+def test_warm_start_writes_a_cache_transformers_loads(task, tmp_path):
+    path = _warm(task, tmp_path)
+    assert path.parent == tmp_path and path.name.startswith("tiny-")
+    assert {"config.json", "tokenizer.json", "warm_start.json"} <= {p.name for p in path.iterdir()}
+    info = json.loads((path / "warm_start.json").read_text())
+    assert info["steps"] <= 3 and info["key"] in path.name
+    model, tok = load_tiny(path)
+    assert isinstance(tok, PreTrainedTokenizerFast) and tok.decode(tok("7 - 3")["input_ids"]) == "7 - 3"
+    assert not model.training
+    again = AutoModelForCausalLM.from_pretrained(path)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary directory left behind
+
+
+def test_second_call_reuses_the_cache_and_force_retrains(task, tmp_path, monkeypatch):
+    calls = []
+    real = tiny_model.supervised_train
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "supervised_train", counting)
+    first = _warm(task, tmp_path)
+    assert _warm(task, tmp_path) == first and len(calls) == 1
+    assert _warm(task, tmp_path, force=True) == first and len(calls) == 2
+    assert _warm(task, tmp_path, seed=1) != first and len(calls) == 3
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_cache_key_covers_what_decides_the_weights(task):
+    base = cache_key(task, TINY_SPEC, TINY_CONFIG, 0)
+    assert base == cache_key(task, TINY_SPEC, TINY_CONFIG, 0)
+    other_problems = dataclasses.replace(task, train=task.train[1:])
+    variants = [
+        cache_key(task, TINY_SPEC, TINY_CONFIG, 1),
+        cache_key(task, dataclasses.replace(TINY_SPEC, num_hidden_layers=2), TINY_CONFIG, 0),
+        cache_key(task, TINY_SPEC, dataclasses.replace(TINY_CONFIG, learning_rate=1e-4), 0),
+        cache_key(task, TINY_SPEC, dataclasses.replace(TINY_CONFIG, teacher_slip=0.0), 0),
+        cache_key(other_problems, TINY_SPEC, TINY_CONFIG, 0),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+
+
+def test_steps_override_changes_the_key(task, tmp_path):
+    assert warm_start(task, cache_dir=tmp_path, spec=TINY_SPEC, config=TINY_CONFIG, steps=2) != _warm(task, tmp_path)
+
+
+def test_interrupted_warm_start_leaves_no_cache(task, tmp_path, monkeypatch):
+    def broken_dump(*args, **kwargs):  # the last file of the cache fails to write
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tiny_model.json, "dumps", broken_dump)
+    with pytest.raises(OSError, match="disk full"):
+        _warm(task, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    path = _warm(task, tmp_path)  # a later call trains and writes it normally
+    assert (path / "warm_start.json").is_file()
+
+
+def test_interrupted_training_leaves_no_cache(task, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny_model, "supervised_train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _warm(task, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("CONSPO_CACHE", str(tmp_path / "c"))
+    assert tiny_model.default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("CONSPO_CACHE")
+    assert tiny_model.default_cache_dir() == tiny_model.Path.home() / ".cache" / "conspo"
+
+
+def test_supervised_phase_learns_a_memorisable_task(tokenizer):
+    # one problem repeated: a few steps of the supervised loop must fit it (the prompt is masked out).
+    task = dataclasses.replace(
+        make_task(difficulty=1, n_train=10, n_test=2), train=[{"question": "1+2=", "answer": "3"}] * 12
+    )
+    model = build_model(tokenizer, TINY_SPEC, seed=0)
+    config = WarmStartConfig(max_steps=60, batch_size=4, val_size=2, eval_every=10, learning_rate=1e-2, teacher_slip=0)
+    summary = tiny_model.supervised_train(model, tokenizer, task, config)
+    assert summary["val_accuracy"] == 1.0 and summary["steps"] < 60
+    assert greedy_completions(model, tokenizer, ["1+2="], max_new_tokens=4) == ["3"]
+
+
+# --- greedy evaluation --------------------------------------------------------------------------------------
+
+
+def test_greedy_completions_do_not_depend_on_batching(tokenizer):
+    model = build_model(tokenizer, TINY_SPEC, seed=3)
+    prompts = ["1+2=", "12+34=", "9-9=", "5*7+1="]
+    batched = greedy_completions(model, tokenizer, prompts, max_new_tokens=5, batch_size=4)
+    single = [greedy_completions(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
+    assert batched == single
+    assert greedy_completions(model, tokenizer, prompts, max_new_tokens=5, batch_size=3) == batched
+
+
+def test_greedy_accuracy_is_the_mean_verifier_score(tokenizer, task):
+    model = build_model(tokenizer, TINY_SPEC, seed=0)
+    always, never = (lambda c, a: _score(1.0)), (lambda c, a: _score(0.0))
+    assert greedy_accuracy(model, tokenizer, task.test, always) == 1.0
+    assert greedy_accuracy(model, tokenizer, task.test, never) == 0.0
+    assert greedy_accuracy(model, tokenizer, [], never) == 0.0
+    seen = []
+    greedy_accuracy(model, tokenizer, task.test[:3], lambda c, a: seen.append(a) or _score(0.0), batch_size=2)
+    assert seen == [p["answer"] for p in task.test[:3]]
+    for mode in (True, False):  # evaluation puts the model back in the mode it found it in
+        model.train(mode)
+        greedy_accuracy(model, tokenizer, task.test[:2], never)
+        assert model.training is mode
+
+
+def _score(x):
+    return VerifyResult(score=x, extracted=None, reason="match" if x else "mismatch")
