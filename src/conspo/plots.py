@@ -17,6 +17,25 @@ CURVES = (
 )
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str | Path, title: str) -> Path:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    _pyplot().close(fig)
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a metrics JSONL file; a torn last line (a crash while writing) is skipped."""
     records = []
@@ -42,11 +61,7 @@ def series(records: Sequence[dict], key: str) -> tuple[list[float], list[float]]
 
 def plot_learning_curves(runs: dict[str, Sequence[dict]], out: str | Path, title: str = "") -> Path:
     """One panel per entry of :data:`CURVES`, one line per run (``{label: records}``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (panel, key) in zip(axes.flat, CURVES):
         for label, records in runs.items():
@@ -59,13 +74,7 @@ def plot_learning_curves(runs: dict[str, Sequence[dict]], out: str | Path, title
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if len(runs) > 1 and handles:
         fig.legend(handles, labels, loc="upper right")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, title)
 
 
 def plot_bands(runs: dict[str, list[Sequence[dict]]], keys: Sequence[tuple[str, str]], out: str | Path,
@@ -75,11 +84,7 @@ def plot_bands(runs: dict[str, list[Sequence[dict]]], keys: Sequence[tuple[str, 
     ``runs`` maps a method to the metric records of each of its seeds. Steps are those logged by every
     seed of a method (so a band is never drawn from a single seed at some steps).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
     for ax, (panel, key) in zip(axes[0], keys):
         for method, seeds in runs.items():
@@ -100,23 +105,13 @@ def plot_bands(runs: dict[str, list[Sequence[dict]]], keys: Sequence[tuple[str, 
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, title)
 
 
 def plot_credit(panels: dict[str, tuple[list[float], list[float], list[bool]]], out: str | Path,
                 title: str = "") -> Path:
     """Per-rollout credit against score, one panel per method: ``{method: (scores, credits, correct)}``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (method, (scores, credits, correct)) in zip(axes[0], panels.items()):
         for flag, colour, label in ((True, "tab:green", "correct"), (False, "tab:red", "incorrect")):
@@ -129,10 +124,4 @@ def plot_credit(panels: dict[str, tuple[list[float], list[float], list[bool]]], 
         ax.set_ylabel("credit (-dL/ds_i)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, title)
