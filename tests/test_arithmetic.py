@@ -174,3 +174,79 @@ def test_score_integer_table(completion, answer, score, extracted, reason):
 def test_score_integer_never_matches_a_malformed_answer():
     assert score_integer("33", "thirty-three").reason == "mismatch"
     assert score_integer("33", " 33 ").reason == "match"
+
+
+# ---------------------------------------------------------------------------------------------- worked solutions
+
+
+@pytest.mark.parametrize(
+    "operands,ops,solution",
+    [
+        ((12, 34, 56), ("+", "-"), "12+34=46;46-56=-10"),
+        ((80, 64, 88), ("-", "*"), "64*88=5632;80-5632=-5552"),
+        ((2, 3, 4), ("*", "*"), "2*3=6;6*4=24"),
+        ((5, 2, 3, 4, 5, 2), ("-", "*", "+", "*", "*"), "2*3=6;4*5=20;20*2=40;5-6=-1;-1+40=39"),
+        ((0, 45, 85), ("-", "-"), "0-45=-45;-45-85=-130"),
+        ((7, 0), ("*",), "7*0=0"),
+        ((9,), (), ""),
+    ],
+)
+def test_worked_solution_by_hand(operands, ops, solution):
+    assert arithmetic.worked_solution(operands, ops) == solution
+
+
+_STEP = r"(-?\d+)([+\-*])(\d+|-\d+)=(-?\d+)"
+
+
+def _check_steps(solution: str, question: str, answer: str) -> None:
+    """Every step is one correct binary operation, there is one step per operator, the last result is the answer."""
+    import re
+
+    steps = solution.split(";")
+    operators = sum(question.count(op) for op in "+-*")
+    assert len(steps) == operators
+    for step in steps:
+        m = re.fullmatch(_STEP, step)
+        assert m is not None, step
+        x, op, y, z = int(m[1]), m[2], int(m[3]), int(m[4])
+        assert {"+": x + y, "-": x - y, "*": x * y}[op] == z, step
+    assert steps[-1].rsplit("=", 1)[1] == answer
+
+
+@pytest.mark.parametrize("spec", [ArithmeticSpec(3, 2, "+-"), ArithmeticSpec(4, 2, "+-*"), ArithmeticSpec(5, 1, "*-")])
+def test_worked_tasks_have_correct_steps_and_the_same_problems(spec):
+    worked = make_task(difficulty=spec, n_train=300, n_test=100, seed=3, worked=True)
+    plain = make_task(difficulty=spec, n_train=300, n_test=100, seed=3)
+    assert _questions(worked.train) == _questions(plain.train) and _questions(worked.test) == _questions(plain.test)
+    assert [p["answer"] for p in worked.train] == [p["answer"] for p in plain.train]
+    assert worked.verifier is arithmetic.score_worked and plain.verifier is score_integer
+    longest = max(len(p["solution"]) for p in worked.train + worked.test)
+    assert worked.max_completion_length == longest + 2
+    assert worked.metadata["worked"] is True and plain.metadata["worked"] is False
+    for p in worked.train + worked.test:
+        _check_steps(p["solution"], p["question"], p["answer"])
+        assert worked.verifier(p["solution"], p["answer"]).score == 1.0
+        assert "solution" not in plain.train[0]
+
+
+def test_worked_flag_must_be_a_bool():
+    with pytest.raises(ValueError, match="worked must be True or False"):
+        make_task(difficulty=1, worked="yes")
+
+
+@pytest.mark.parametrize(
+    "completion,answer,score,extracted,reason",
+    [
+        ("12+34=46;46-56=-10", "-10", 1.0, "-10", "match"),
+        ("12+34=46;46-56=-10 done", "-10", 1.0, "-10", "match"),
+        ("12+34=47;47-56=-10", "-10", 1.0, "-10", "match"),  # only the final answer is checked
+        ("12+34=46;46-56=-9", "-10", 0.0, "-9", "mismatch"),
+        ("12+34=46;46-56=", "-10", 0.0, None, "no_answer"),
+        ("12+34=46;46-56=-10x", "-10", 0.0, None, "no_answer"),
+        ("-10", "-10", 0.0, None, "no_answer"),  # no '=': not a worked solution
+        ("", "-10", 0.0, None, "no_answer"),
+        ("=-10", "-10", 1.0, "-10", "match"),
+    ],
+)
+def test_score_worked_table(completion, answer, score, extracted, reason):
+    assert arithmetic.score_worked(completion, answer) == VerifyResult(score=score, extracted=extracted, reason=reason)

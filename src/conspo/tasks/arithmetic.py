@@ -135,9 +135,42 @@ def is_test_expression(expr: str) -> bool:
     return int.from_bytes(digest[:8], "big") < TEST_FRACTION * 2**64
 
 
-def _problem(operands: tuple[int, ...], ops: tuple[str, ...]) -> dict:
+def worked_solution(operands: tuple[int, ...], ops: tuple[str, ...]) -> str:
+    """The step-by-step solution: one binary step per operator, products first, then sums left to right.
+
+    ``(12, 34, 56), ("+", "-")`` -> ``"12+34=46;46-56=-10"``; ``(80, 64, 88), ("-", "*")`` ->
+    ``"64*88=5632;80-5632=-5552"``. The result of the last step is the answer (:func:`evaluate`); a single
+    operand has no step and gives ``""``.
+    """
+    if len(ops) != len(operands) - 1:
+        raise ValueError("need exactly one operator between each pair of operands")
+    steps: list[str] = []
+    terms: list[int] = [operands[0]]  # values joined by + and -, once every product is done
+    signs: list[str] = []
+    for op, x in zip(ops, operands[1:]):
+        if op == "*":
+            product = terms[-1] * x
+            steps.append(f"{terms[-1]}*{x}={product}")
+            terms[-1] = product
+        elif op in "+-":
+            signs.append(op)
+            terms.append(x)
+        else:
+            raise ValueError(f"unknown operator {op!r}")
+    total = terms[0]
+    for op, x in zip(signs, terms[1:]):
+        value = total + x if op == "+" else total - x
+        steps.append(f"{total}{op}{x}={value}")
+        total = value
+    return ";".join(steps)
+
+
+def _problem(operands: tuple[int, ...], ops: tuple[str, ...], worked: bool = False) -> dict:
     expr = expression(operands, ops)
-    return {"question": expr + "=", "answer": str(evaluate(operands, ops))}
+    problem = {"question": expr + "=", "answer": str(evaluate(operands, ops))}
+    if worked:
+        problem["solution"] = worked_solution(operands, ops)
+    return problem
 
 
 def split_capacity(spec: ArithmeticSpec, *, test: bool) -> int:
@@ -159,7 +192,7 @@ def _split_pool(spec: ArithmeticSpec, test: bool) -> tuple[tuple[tuple[int, ...]
     )
 
 
-def _draw(spec: ArithmeticSpec, n: int, *, test: bool, seed: int) -> list[dict]:
+def _draw(spec: ArithmeticSpec, n: int, *, test: bool, seed: int, worked: bool = False) -> list[dict]:
     """``n`` distinct problems of one split, in a seed-determined order (prefix-stable in ``n``)."""
     if n < 0:
         raise ValueError(f"the number of problems must be >= 0, got {n}")
@@ -170,7 +203,7 @@ def _draw(spec: ArithmeticSpec, n: int, *, test: bool, seed: int) -> list[dict]:
         if n > len(pool):
             raise ValueError(f"{spec} has only {len(pool)} {split} problems, {n} were asked for")
         rng.shuffle(pool)
-        return [_problem(a, o) for a, o in pool[:n]]
+        return [_problem(a, o, worked) for a, o in pool[:n]]
     # Large space: rejection sampling without replacement. The split holds about TEST_FRACTION of the space,
     # and n is at most half of it, so this ends quickly.
     cap = split_capacity(spec, test=test)
@@ -186,7 +219,7 @@ def _draw(spec: ArithmeticSpec, n: int, *, test: bool, seed: int) -> list[dict]:
         if expr in seen or is_test_expression(expr) != test:
             continue
         seen.add(expr)
-        out.append(_problem(a, o))
+        out.append(_problem(a, o, worked))
     return out
 
 
@@ -219,12 +252,27 @@ def score_integer(completion: str, answer: str) -> VerifyResult:
     return VerifyResult(score=0.0, extracted=got, reason="mismatch")
 
 
+def score_worked(completion: str, answer: str) -> VerifyResult:
+    """The verifier of worked solutions (``make_task(worked=True)``): the integer after the completion's last ``=``.
+
+    ``"12+34=46;46-56=-10"`` answers -10. Only the final answer is checked, as in any verifiable-reward task;
+    the steps before it are not. The text after the last ``=`` is scored by :func:`score_integer`, so it must
+    start with an integer (``"...=-10 done"`` matches, ``"...=-10x"`` does not). A completion without ``=`` is
+    ``no_answer``.
+    """
+    cut = completion.rfind("=")
+    if cut < 0:
+        return VerifyResult(score=0.0, extracted=None, reason="no_answer")
+    return score_integer(completion[cut + 1 :], answer)
+
+
 def make_task(
     *,
     difficulty: int | ArithmeticSpec = DEFAULT_DIFFICULTY,
     n_train: int | None = None,
     n_test: int | None = None,
     seed: int = 0,
+    worked: bool = False,
 ) -> Task:
     """The arithmetic task at ``difficulty`` (a level of ``DIFFICULTIES`` or an :class:`ArithmeticSpec`).
 
@@ -232,28 +280,41 @@ def make_task(
     arguments (see the module docstring); the same arguments always give the same problems in the same order.
     ``n_train`` / ``n_test`` default to ``DEFAULT_N_TRAIN`` / ``DEFAULT_N_TEST``, or to all the problems of the
     split when it holds fewer; an explicit size larger than the split is an error.
+
+    ``worked=True``: completions are worked solutions, one step per operator (``"12+34=46;46-56=-10"``,
+    :func:`worked_solution`, in each problem's ``"solution"``), scored on the number after the last ``=``
+    (:func:`score_worked`). The problems drawn are the same as without it.
     """
     spec = resolve_spec(difficulty)
+    if not isinstance(worked, bool):
+        raise ValueError(f"worked must be True or False, got {worked!r}")
     if n_train is None:
         n_train = min(DEFAULT_N_TRAIN, split_capacity(spec, test=False))
     if n_test is None:
         n_test = min(DEFAULT_N_TEST, split_capacity(spec, test=True))
-    train = _draw(spec, n_train, test=False, seed=seed)
-    test = _draw(spec, n_test, test=True, seed=seed)
+    train = _draw(spec, n_train, test=False, seed=seed, worked=worked)
+    test = _draw(spec, n_test, test=True, seed=seed, worked=worked)
+    if worked:
+        # The longest solution drawn, + end-of-sequence, + one token of slack (a wrong last step may be longer).
+        longest = max((len(p["solution"]) for p in train + test), default=0)
+        max_completion_length = longest + 2
+    else:
+        # answer characters + end-of-sequence, with one token of slack: a wrong answer may be a digit longer.
+        max_completion_length = spec.max_answer_chars + 2
     return Task(
         name="arithmetic",
         train=train,
         test=test,
-        verifier=score_integer,
+        verifier=score_worked if worked else score_integer,
         instruction="",
-        # answer characters + end-of-sequence, with one token of slack: a wrong answer may be a digit longer.
-        max_completion_length=spec.max_answer_chars + 2,
+        max_completion_length=max_completion_length,
         metadata={
             "spec": asdict(spec),
             "difficulty": difficulty if isinstance(difficulty, int) else None,
             "seed": seed,
             "n_train": n_train,
             "n_test": n_test,
+            "worked": worked,
             "split": f"sha256 of the expression, {TEST_FRACTION:.0%} held out",
         },
     )
