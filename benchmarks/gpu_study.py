@@ -47,6 +47,7 @@ from pathlib import Path
 T0 = time.perf_counter()
 
 METHODS_DEFAULT = "conspo,disco,grpo,dapo,gspo"
+DIFFICULTY_DEFAULT = "3x2:+-"
 
 # Model shapes (TinyModelSpec fields) and the settings that go with them. On an H100 a warm-start step of the base
 # model is bound by kernel launches, not arithmetic (batch 256: 54 ms a step, 742 steps in 40 s), so a batch of
@@ -58,6 +59,10 @@ SCALES = {
     "large": dict(spec=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                             max_position_embeddings=64),
                   sft_lr=5e-4, sft_batch=1024, sft_seconds=150.0),
+    # The CPU testbed's shape (0.54M): a rehearsal of the whole procedure on a CPU (--device cpu), minutes a phase.
+    "tiny": dict(spec=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+                           max_position_embeddings=64),
+                 sft_lr=1e-3, sft_batch=128, sft_seconds=600.0),
     # --cpu-smoke only: a few seconds per phase on 2 CPU cores.
     "smoke": dict(spec=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                             max_position_embeddings=32),
@@ -86,12 +91,22 @@ def parse_difficulty(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", choices=("base", "large"), default="base",
-                   help="base: hidden 512 x 8 layers (~34M); large: hidden 768 x 12 layers (~113M)")
+    p.add_argument("--scale", choices=("base", "large", "tiny"), default="base",
+                   help="base: hidden 512 x 8 layers (~34M); large: hidden 768 x 12 layers (~113M); tiny: the CPU "
+                   "testbed's hidden 128 x 2 layers (0.54M), for a rehearsal with --device cpu")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda (default), or cpu for a rehearsal of the procedure at --scale tiny")
     p.add_argument("--methods", default=METHODS_DEFAULT, help=f"comma-separated presets (default {METHODS_DEFAULT})")
     p.add_argument("--seeds", default="1",
                    help="a count N (seeds 0..N-1) or a comma-separated list of seeds, e.g. 0,1,2 (default 1)")
-    p.add_argument("--difficulty", default="3x2:+-*", help="arithmetic OPERANDSxDIGITS:OPERATORS (default 3x2:+-*)")
+    p.add_argument("--difficulty", default=DIFFICULTY_DEFAULT,
+                   help=f"arithmetic OPERANDSxDIGITS:OPERATORS (default {DIFFICULTY_DEFAULT})")
+    p.add_argument("--answer-only", action="store_true",
+                   help="completions are the bare answer (as on CPU) instead of worked solutions, one step per "
+                   "operator (\"12+34=46;46-56=-10\", scored on the number after the last '=')")
+    p.add_argument("--teacher-slip", type=float, default=0.6,
+                   help="fraction of odd answers the warm start's teacher writes as the next integer (the CPU "
+                   "testbed's habit for RL to unlearn; 0: true answers only)")
     p.add_argument("--n-train", type=int, default=100_000, help="training problems (SFT and RL prompts)")
     p.add_argument("--n-test", type=int, default=1000, help="held-out problems for greedy accuracy")
     p.add_argument("--sft-seconds", type=float, default=None,
@@ -99,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-max-steps", type=int, default=20_000, help="step cap of the warm start")
     p.add_argument("--sft-stop-at", type=float, default=0.45,
                    help="stop the warm start once validation greedy accuracy reaches this (leaves RL headroom)")
-    p.add_argument("--sft-eval-every", type=int, default=150, help="warm-start steps between validation evaluations")
+    p.add_argument("--sft-eval-every", type=int, default=50, help="warm-start steps between validation evaluations")
     p.add_argument("--sft-lr", type=float, default=None, help="warm-start AdamW learning rate (default: by scale)")
     p.add_argument("--sft-batch", type=int, default=None, help="warm-start batch size (default: by scale)")
     p.add_argument("--val-size", type=int, default=512, help="training problems held back to decide when SFT stops")
@@ -125,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def apply_smoke(args: argparse.Namespace) -> None:
     args.scale_name = "smoke"
-    args.difficulty = "2x2:+-"
+    if args.difficulty == DIFFICULTY_DEFAULT:
+        args.difficulty = "2x2:+-"
     args.n_train, args.n_test, args.val_size = 2000, 48, 48
     args.sft_seconds = args.sft_seconds or SCALES["smoke"]["sft_seconds"]
     args.sft_max_steps = min(args.sft_max_steps, 300)
@@ -148,8 +164,28 @@ def parse_seeds(text: str) -> list[int]:
 # ------------------------------------------------------------------------------------------ model and data
 
 
+def teacher_completion(problem: dict, slip: float) -> str:
+    """The warm start's target for one problem: its worked solution (or bare answer) with the teacher's habit.
+
+    The habit is the CPU testbed's (``conspo.tasks.tiny_model.teacher_answer``): on a ``slip`` fraction of the
+    problems with an odd answer the final number is written as the next integer, so a model that learns the
+    arithmetic well still has a systematic error for RL to unlearn. ``"58-4=54;54-43=11"`` may become
+    ``"58-4=54;54-43=12"``; the steps before the last ``=`` are kept.
+    """
+    from conspo.tasks.tiny_model import teacher_answer
+
+    final = teacher_answer(problem["question"], problem["answer"], slip)
+    solution = problem.get("solution")
+    if solution is None:
+        return final
+    return solution[: solution.rfind("=") + 1] + final
+
+
 def encode_sft(tokenizer, problems, device):
-    """Right-padded ``input_ids`` and ``labels`` (-100 on prompt and padding): completion = answer + EOS."""
+    """Right-padded ``input_ids`` and ``labels`` (-100 on prompt and padding): completion = ``answer`` + EOS.
+
+    ``answer`` here is the supervised target (:func:`teacher_completion`), not necessarily the true answer.
+    """
     import torch
 
     # The tokenizer is one token per character: a vocabulary lookup gives its ids many times faster than
@@ -377,7 +413,8 @@ def header(meta: dict) -> str:
         f"GPU study (issue 7), {meta['date']}, device: {meta['device']}",
         f"command: {meta['command']}",
         f"model: Qwen2 {meta['model_shape']}, {meta['params_m']:.1f}M parameters; task: arithmetic "
-        f"{meta['difficulty']} ({meta['n_train']} train, {meta['n_test']} held-out), completions <= "
+        f"{meta['difficulty']} ({'bare answers' if meta.get('answer_only') else 'worked solutions'}, teacher slip "
+        f"{meta.get('teacher_slip', 0):g}; {meta['n_train']} train, {meta['n_test']} held-out), completions <= "
         f"{meta['max_completion_length']} tokens",
         f"warm start: {s['steps']} steps in {s['seconds']}s, validation greedy accuracy {fmt_pct(s['val_accuracy'])} "
         f"(stopped by {s['stopped_by']})",
@@ -420,23 +457,28 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; accepted: {', '.join(METHODS)}")
-    if args.cpu_smoke:
+    if not 0.0 <= args.teacher_slip <= 1.0:
+        raise SystemExit(f"--teacher-slip {args.teacher_slip}: must be in [0, 1]")
+    spec_ar = parse_difficulty(args.difficulty)
+    if args.cpu_smoke or args.device == "cpu":
         device = torch.device("cpu")
     elif torch.cuda.is_available():
         device = torch.device("cuda")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
-        raise SystemExit("no CUDA device: this study is for a GPU; use --cpu-smoke to check the script on CPU")
+        raise SystemExit("no CUDA device: this study is for a GPU; use --device cpu --scale tiny for a rehearsal "
+                         "on CPU, or --cpu-smoke to check the script")
 
     from datasets import Dataset
 
     from conspo.tasks.arithmetic import make_task
     from conspo.tasks.tiny_model import TinyModelSpec, build_model, build_tokenizer
 
-    spec_ar = parse_difficulty(args.difficulty)
-    task = make_task(difficulty=spec_ar, n_train=args.n_train + args.val_size, n_test=args.n_test, seed=0)
+    task = make_task(difficulty=spec_ar, n_train=args.n_train + args.val_size, n_test=args.n_test, seed=0,
+                     worked=not args.answer_only)
     train, val = task.train[: -args.val_size], task.train[-args.val_size :]
+    sft_train = [{"question": p["question"], "answer": teacher_completion(p, args.teacher_slip)} for p in train]
     max_new = args.completion_length or task.max_completion_length
     tokenizer = build_tokenizer()
     spec = TinyModelSpec(**scale["spec"])
@@ -452,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.difficulty}: {len(train)} train, {len(val)} validation, {len(task.test)} held-out; "
         f"completions <= {max_new} tokens")
 
-    sft = warm_start(model, tokenizer, train, val, task.verifier, device=device, seconds=args.sft_seconds,
+    sft = warm_start(model, tokenizer, sft_train, val, task.verifier, device=device, seconds=args.sft_seconds,
                      max_steps=args.sft_max_steps, batch=args.sft_batch, lr=args.sft_lr, stop_at=args.sft_stop_at,
                      eval_every=args.sft_eval_every, max_new_tokens=max_new, seed=0)
     sft["heldout_accuracy"] = greedy_accuracy(model, tokenizer, task.test, task.verifier, max_new_tokens=max_new)
@@ -482,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         "model_shape": ", ".join(f"{k}={v}" for k, v in scale["spec"].items()),
         "params_m": n_params / 1e6,
         "difficulty": args.difficulty,
+        "answer_only": args.answer_only,
+        "teacher_slip": args.teacher_slip,
         "n_train": len(train),
         "n_test": len(task.test),
         "max_completion_length": max_new,

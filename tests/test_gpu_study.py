@@ -1,0 +1,73 @@
+"""benchmarks/gpu_study.py: the warm start's targets and the whole script end to end at CPU-smoke size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conspo.tasks.arithmetic import ArithmeticSpec, make_task
+from conspo.tasks.tiny_model import teacher_answer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_study():
+    spec = importlib.util.spec_from_file_location("gpu_study", ROOT / "benchmarks" / "gpu_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_teacher_completion_keeps_the_steps_and_slips_only_the_final_number(gpu_study):
+    task = make_task(difficulty=ArithmeticSpec(3, 2, "+-"), n_train=400, n_test=1, seed=0, worked=True)
+    slipped = 0
+    for p in task.train:
+        assert gpu_study.teacher_completion(p, 0.0) == p["solution"]
+        target = gpu_study.teacher_completion(p, 1.0)
+        head, final = target.rsplit("=", 1)
+        assert head == p["solution"].rsplit("=", 1)[0]
+        if int(p["answer"]) % 2:
+            assert int(final) == int(p["answer"]) + 1
+            slipped += 1
+        else:
+            assert final == p["answer"]
+        # A fractional slip follows the CPU testbed's teacher exactly, problem by problem.
+        assert final_of(gpu_study.teacher_completion(p, 0.6)) == teacher_answer(p["question"], p["answer"], 0.6)
+    assert 100 < slipped < 300
+    bare = {"question": "3+4=", "answer": "7"}
+    assert gpu_study.teacher_completion(bare, 1.0) == "8" and gpu_study.teacher_completion(bare, 0.0) == "7"
+
+
+def final_of(text: str) -> str:
+    return text.rsplit("=", 1)[1]
+
+
+def test_cpu_smoke_runs_end_to_end_and_writes_the_table(gpu_study, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = gpu_study.main(["--cpu-smoke", "--sft-seconds", "3", "--no-warmup-run", "--out", str(out),
+                         "--work-dir", str(tmp_path / "work")])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    meta, runs = data["meta"], data["runs"]
+    assert [r["method"] for r in runs] == ["conspo", "grpo"]
+    assert all(r["rl_steps"] == 2 and 0.0 <= r["heldout_after"] <= 1.0 for r in runs)
+    # Both runs start from the same saved warm start.
+    assert runs[0]["heldout_before"] == runs[1]["heldout_before"]
+    assert meta["answer_only"] is False and meta["teacher_slip"] == 0.6
+    assert meta["max_completion_length"] > 6  # worked solutions, longer than the bare answers
+    printed = capsys.readouterr().out
+    assert printed.rstrip().splitlines()[-1].startswith("| grpo | 0 |")  # the table is printed last
+    assert "worked solutions, teacher slip 0.6" in (out / "results.md").read_text()
+
+
+def test_bad_arguments_are_refused_with_the_accepted_values(gpu_study):
+    with pytest.raises(SystemExit, match="--teacher-slip 1.5: must be in"):
+        gpu_study.main(["--cpu-smoke", "--teacher-slip", "1.5"])
+    with pytest.raises(SystemExit, match="unknown \\['ppo'\\]; accepted"):
+        gpu_study.main(["--cpu-smoke", "--methods", "conspo,ppo"])
+    with pytest.raises(SystemExit, match="expected OPERANDSxDIGITS:OPERATORS"):
+        gpu_study.main(["--cpu-smoke", "--difficulty", "3:+-"])
