@@ -3,24 +3,28 @@
 What it does, in order:
 
 1. builds conspo's character tokenizer and a Qwen2 model from a config (``--scale base``: hidden 512, 8 layers,
-   about 34M parameters; ``--scale large``: hidden 768, 12 layers, about 113M), on CUDA, fp32 weights;
-2. draws a harder arithmetic task than the CPU default (default ``3x2:+-*``: three 2-digit operands with ``+ - *``,
-   answers up to 7 characters, completions of up to 9 tokens, against 2 operands ``+ -`` and 6 tokens on CPU);
-3. warm-starts the model with a short supervised phase (bf16 autocast, completion tokens only) until greedy
-   accuracy on a validation slice of the *training* problems reaches ``--sft-stop-at`` or ``--sft-seconds`` run
-   out; the warm-started weights are saved once;
-4. for each method (``--methods``) and seed (``--seeds``): reloads those weights, measures held-out greedy
-   accuracy, trains ``--rl-steps`` steps of ConSPOTrainer with ``preset_config(method, ...)`` (bf16 mixed
-   precision, ``fast_generation`` as given, default ``auto``), measures held-out greedy accuracy again. Every run
-   has the same rollout budget: the same steps, prompts per step, ``num_generations``, completion length and
-   temperature;
+   about 34M parameters; ``--scale large``: hidden 768, 12 layers, about 113M; ``--scale tiny``: the CPU testbed's
+   0.54M, for a rehearsal with ``--device cpu``), fp32 weights;
+2. draws the arithmetic task with worked solutions (default ``3x2:+-``: ``"58-4-44="`` is answered
+   ``"58-4=54;54-44=10"``, completions of up to 23 tokens against 6 on the CPU testbed; scored on the number after
+   the last ``=``; ``--answer-only`` for bare answers);
+3. warm-starts the model with a short supervised phase (bf16 autocast on CUDA, completion tokens only) on the
+   targets of the CPU testbed's imperfect teacher (``--teacher-slip``: the final number of some odd answers is
+   written one too high, a habit for RL to unlearn), until greedy accuracy on a validation slice of the *training*
+   problems reaches ``--sft-stop-at`` or ``--sft-seconds`` run out; the weights are saved once;
+4. for each seed (``--seeds``) and method (``--methods``, presets with optional overrides such as
+   ``conspo@tau=0.3``): reloads those weights, measures held-out greedy accuracy, trains ``--rl-steps`` steps of
+   ConSPOTrainer with ``preset_config(method, ...)`` (bf16 mixed precision on CUDA), measures held-out greedy
+   accuracy again. Every run has the same rollout budget: the same steps, prompts per step, ``num_generations``,
+   completion length, temperature and learning rate;
 5. writes ``results.json`` and ``results.md`` to ``--out`` after every run (so a run cut short keeps what finished)
    and prints the results table last.
 
     python benchmarks/gpu_study.py                                      # on the GPU machine: the full comparison
     python benchmarks/gpu_study.py --scale large --sft-seconds 120 --rl-steps 60 --methods conspo,grpo
-    python benchmarks/gpu_study.py --sft-seconds 40 --rl-steps 15 --methods conspo,grpo --fast-generation off \
-        --sft-batch 256 --sft-lr 5e-4 --no-warmup-run                    # the reduced run recorded on an H100
+    python benchmarks/gpu_study.py --device cpu --scale tiny --rl-steps 40 --prompts 32 --lr 1e-4 \
+        --n-train 20000 --n-test 500 --no-warmup-run --seeds 3 \
+        --methods conspo,disco,grpo,dr_grpo,dapo,gspo,cispo              # the CPU rehearsal (docs/benchmarks.md)
     python benchmarks/gpu_study.py --cpu-smoke                          # tiny sizes on CPU, 2 RL steps, 2 methods
 
 On the lent GPU machine, run it with the carried wheels (docs/benchmarks.md, "GPU study (issue 7)"):
@@ -37,6 +41,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -96,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "testbed's hidden 128 x 2 layers (0.54M), for a rehearsal with --device cpu")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda (default), or cpu for a rehearsal of the procedure at --scale tiny")
-    p.add_argument("--methods", default=METHODS_DEFAULT, help=f"comma-separated presets (default {METHODS_DEFAULT})")
+    p.add_argument("--methods", default=METHODS_DEFAULT,
+                   help=f"comma-separated presets (default {METHODS_DEFAULT}); a preset may carry ConSPOConfig "
+                   "overrides after '@', e.g. conspo@tau=0.3 or conspo@tau=0.3@margin_type=none")
     p.add_argument("--seeds", default="1",
                    help="a count N (seeds 0..N-1) or a comma-separated list of seeds, e.g. 0,1,2 (default 1)")
     p.add_argument("--difficulty", default=DIFFICULTY_DEFAULT,
@@ -125,8 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max_completion_length (default: the task's, answer characters + 2)")
     p.add_argument("--lr", type=float, default=2e-5, help="RL learning rate (constant), same for every method")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
-    p.add_argument("--fast-generation", choices=("auto", "on", "off"), default="auto",
-                   help="ConSPOConfig.fast_generation (auto: compiled static-cache decoding on CUDA)")
+    p.add_argument("--fast-generation", choices=("auto", "on", "off"), default="off",
+                   help="ConSPOConfig.fast_generation (default off: with completions this short, compiling the "
+                   "decoding step, about 34 s per run on an H100, costs more than it saves in a 100-step run; "
+                   "auto: compiled static-cache decoding on CUDA)")
     p.add_argument("--no-warmup-run", action="store_true",
                    help="skip the untimed 1-step RL run before the timed ones (it takes the one-time CUDA, cuBLAS and "
                    "compile start-up costs off the first method's wall time)")
@@ -150,6 +159,39 @@ def apply_smoke(args: argparse.Namespace) -> None:
     args.prompts, args.num_generations = 4, 4
     if args.methods == METHODS_DEFAULT:
         args.methods = "conspo,grpo"
+
+
+def parse_method(text: str) -> tuple[str, dict]:
+    """``"conspo@tau=0.3@neg_reduce=mean"`` -> ``("conspo", {"tau": 0.3, "neg_reduce": "mean"})``.
+
+    Values are read as YAML scalars (``0.3``, ``true``, ``null``), so numbers and booleans keep their types; the
+    preset and the keys are checked by building the config (:func:`check_methods`). An override wins over the
+    study's own settings, so one that changes the budget (``learning_rate``, ``max_steps``) makes that run unequal.
+    """
+    import yaml
+
+    preset, *pairs = text.split("@")
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--methods {text!r}: an override must read KEY=VALUE after '@', got {pair!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return preset.strip(), overrides
+
+
+def check_methods(methods: list[str]) -> None:
+    """Refuses an unknown preset or override before any long work, naming the accepted values."""
+    from conspo.presets import METHODS, preset_config
+
+    for text in methods:
+        preset, overrides = parse_method(text)
+        if preset not in METHODS:
+            raise SystemExit(f"--methods: unknown {preset!r} in {text!r}; accepted: {', '.join(METHODS)}")
+        try:
+            preset_config(preset, output_dir=tempfile.gettempdir(), report_to="none", use_cpu=True, **overrides)
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"--methods {text!r}: {err}") from err
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -274,6 +316,22 @@ def warm_start(model, tokenizer, train, val, verifier, *, device, seconds, max_s
             "stopped_by": reason, "history": history}
 
 
+def save_warm_start(model, warm_dir: Path, key: dict, summary: dict) -> None:
+    """Saves the weights, then ``warm_start.json`` (settings and summary) last: its presence marks a complete save."""
+    shutil.rmtree(warm_dir, ignore_errors=True)
+    model.save_pretrained(warm_dir)
+    (warm_dir / "warm_start.json").write_text(json.dumps({"key": key, "summary": summary}, indent=2))
+
+
+def load_warm_start(warm_dir: Path, key: dict) -> dict | None:
+    """The saved summary when ``warm_dir`` holds a complete warm start made with ``key``'s settings, else None."""
+    try:
+        saved = json.loads((warm_dir / "warm_start.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["summary"] if saved.get("key") == json.loads(json.dumps(key)) else None
+
+
 # ------------------------------------------------------------------------------------------------- RL runs
 
 
@@ -313,9 +371,9 @@ def rl_run(method: str, seed: int, *, args, task, tokenizer, warm_dir: Path, wor
     t_run = time.perf_counter()
     model = Qwen2ForCausalLM.from_pretrained(warm_dir, dtype=torch.float32).to(device)
     before = greedy_accuracy(model, tokenizer, task.test, task.verifier, max_new_tokens=max_new)
-    out_dir = work / f"{method}-seed{seed}"
-    config = preset_config(
-        method,
+    preset, overrides = parse_method(method)
+    out_dir = work / (re.sub(r"[^A-Za-z0-9_.-]", "_", method) + f"-seed{seed}")
+    settings = dict(
         output_dir=str(out_dir),
         max_steps=steps or args.rl_steps,
         learning_rate=args.lr,
@@ -335,7 +393,9 @@ def rl_run(method: str, seed: int, *, args, task, tokenizer, warm_dir: Path, wor
         bf16=bool(cuda and torch.cuda.is_bf16_supported()),
         fast_generation=args.fast_generation,
     )
-    rewards = [make_reward_func(task.verifier, name="correct"), *preset_reward_funcs(method, config)]
+    config = preset_config(preset, **{**settings, **overrides})
+    extra = preset_reward_funcs(preset, config, overlong_after=task.overlong_after)  # DAPO: past the longest answer
+    rewards = [make_reward_func(task.verifier, name="correct"), *extra]
     if len(rewards) > 1 and config.correctness_reward is None:
         config.correctness_reward = "correct"  # DAPO's length penalty must not decide correctness
     trainer = ConSPOTrainer(model=model, reward_funcs=rewards, args=config, train_dataset=train_set,
@@ -417,7 +477,7 @@ def header(meta: dict) -> str:
         f"{meta.get('teacher_slip', 0):g}; {meta['n_train']} train, {meta['n_test']} held-out), completions <= "
         f"{meta['max_completion_length']} tokens",
         f"warm start: {s['steps']} steps in {s['seconds']}s, validation greedy accuracy {fmt_pct(s['val_accuracy'])} "
-        f"(stopped by {s['stopped_by']})",
+        f"(stopped by {s['stopped_by']}{'; reused from an earlier run' if s.get('reused') else ''})",
         f"RL per run: {meta['rl']['steps']} steps x {meta['rl']['prompts']} prompts x "
         f"{meta['rl']['num_generations']} rollouts, lr {meta['rl']['lr']:g}, temperature {meta['rl']['temperature']:g}, "
         f"fast_generation={meta['rl']['fast_generation']}",
@@ -452,11 +512,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from conspo.presets import METHODS
-
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; accepted: {', '.join(METHODS)}")
+    check_methods(methods)
     if not 0.0 <= args.teacher_slip <= 1.0:
         raise SystemExit(f"--teacher-slip {args.teacher_slip}: must be in [0, 1]")
     spec_ar = parse_difficulty(args.difficulty)
@@ -494,19 +550,30 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.difficulty}: {len(train)} train, {len(val)} validation, {len(task.test)} held-out; "
         f"completions <= {max_new} tokens")
 
-    sft = warm_start(model, tokenizer, sft_train, val, task.verifier, device=device, seconds=args.sft_seconds,
-                     max_steps=args.sft_max_steps, batch=args.sft_batch, lr=args.sft_lr, stop_at=args.sft_stop_at,
-                     eval_every=args.sft_eval_every, max_new_tokens=max_new, seed=0)
-    sft["heldout_accuracy"] = greedy_accuracy(model, tokenizer, task.test, task.verifier, max_new_tokens=max_new)
-    log(f"warm start done: {sft['steps']} steps, {sft['seconds']}s, validation {sft['val_accuracy']:.3f}, "
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="conspo-gpu-study-"))
+    warm_dir = work / "warm_start"
+    # Everything that decides the warm-started weights: a --work-dir that holds a warm start made with the same
+    # settings is reused (a rerun with other methods or seeds skips the supervised phase).
+    warm_key = {"scale": args.scale_name, "spec": scale["spec"], "difficulty": args.difficulty,
+                "answer_only": args.answer_only, "teacher_slip": args.teacher_slip, "n_train": args.n_train,
+                "val_size": args.val_size, "sft_seconds": args.sft_seconds, "sft_max_steps": args.sft_max_steps,
+                "sft_stop_at": args.sft_stop_at, "sft_eval_every": args.sft_eval_every, "sft_lr": args.sft_lr,
+                "sft_batch": args.sft_batch, "max_new": max_new, "device": device.type}
+    sft = load_warm_start(warm_dir, warm_key)
+    if sft is not None:
+        sft["reused"] = True
+        log(f"warm start reused from {warm_dir} (same settings)")
+    else:
+        sft = warm_start(model, tokenizer, sft_train, val, task.verifier, device=device, seconds=args.sft_seconds,
+                         max_steps=args.sft_max_steps, batch=args.sft_batch, lr=args.sft_lr,
+                         stop_at=args.sft_stop_at, eval_every=args.sft_eval_every, max_new_tokens=max_new, seed=0)
+        sft["heldout_accuracy"] = greedy_accuracy(model, tokenizer, task.test, task.verifier, max_new_tokens=max_new)
+        save_warm_start(model, warm_dir, warm_key, sft)
+    log(f"warm start: {sft['steps']} steps, {sft['seconds']}s, validation {sft['val_accuracy']:.3f}, "
         f"held-out {sft['heldout_accuracy']:.3f} ({sft['stopped_by']})")
     if not 0.2 <= sft["heldout_accuracy"] <= 0.6:
         log(f"note: held-out accuracy after the warm start is {sft['heldout_accuracy']:.3f}, outside the 20-60% "
             "aimed at; adjust --sft-seconds / --sft-stop-at")
-
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="conspo-gpu-study-"))
-    warm_dir = work / "warm_start"
-    model.save_pretrained(warm_dir)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -63,11 +63,37 @@ def test_cpu_smoke_runs_end_to_end_and_writes_the_table(gpu_study, tmp_path, cap
     assert printed.rstrip().splitlines()[-1].startswith("| grpo | 0 |")  # the table is printed last
     assert "worked solutions, teacher slip 0.6" in (out / "results.md").read_text()
 
+    # A rerun in the same --work-dir with the same warm-start settings reuses the saved warm start.
+    again = tmp_path / "again"
+    assert gpu_study.main(["--cpu-smoke", "--sft-seconds", "3", "--no-warmup-run", "--out", str(again),
+                           "--work-dir", str(tmp_path / "work"), "--methods", "grpo"]) == 0
+    rerun = json.loads((again / "results.json").read_text())
+    assert "warm start reused" in capsys.readouterr().out
+    assert rerun["meta"]["sft"]["reused"] is True and rerun["meta"]["sft"]["steps"] == meta["sft"]["steps"]
+    assert rerun["runs"][0]["heldout_before"] == runs[0]["heldout_before"]
+    # Other warm-start settings train a new one.
+    assert gpu_study.main(["--cpu-smoke", "--sft-seconds", "3", "--no-warmup-run", "--out", str(again),
+                           "--work-dir", str(tmp_path / "work"), "--methods", "grpo", "--teacher-slip", "0"]) == 0
+    assert "reused" not in json.loads((again / "results.json").read_text())["meta"]["sft"]
+
 
 def test_bad_arguments_are_refused_with_the_accepted_values(gpu_study):
     with pytest.raises(SystemExit, match="--teacher-slip 1.5: must be in"):
         gpu_study.main(["--cpu-smoke", "--teacher-slip", "1.5"])
-    with pytest.raises(SystemExit, match="unknown \\['ppo'\\]; accepted"):
+    with pytest.raises(SystemExit, match="unknown 'ppo' in 'ppo'; accepted: .*conspo"):
         gpu_study.main(["--cpu-smoke", "--methods", "conspo,ppo"])
+    with pytest.raises(SystemExit, match="conspo@taux=0.3"):
+        gpu_study.main(["--cpu-smoke", "--methods", "conspo@taux=0.3"])
+    with pytest.raises(SystemExit, match="tau"):
+        gpu_study.main(["--cpu-smoke", "--methods", "conspo@tau=-1"])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        gpu_study.main(["--cpu-smoke", "--methods", "conspo@tau"])
     with pytest.raises(SystemExit, match="expected OPERANDSxDIGITS:OPERATORS"):
         gpu_study.main(["--cpu-smoke", "--difficulty", "3:+-"])
+
+
+def test_method_overrides_are_parsed_with_their_types(gpu_study):
+    assert gpu_study.parse_method("grpo") == ("grpo", {})
+    assert gpu_study.parse_method("conspo@tau=0.3@neg_reduce=mean@trust_region=true") == (
+        "conspo", {"tau": 0.3, "neg_reduce": "mean", "trust_region": True})
+    gpu_study.check_methods(["conspo@tau=0.3", "disco", "dapo"])  # accepted: no exception

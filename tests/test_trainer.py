@@ -154,6 +154,35 @@ def test_dapo_adds_soft_overlong_punishment(tmp_path):
     assert preset_reward_funcs("grpo", config) == []
 
 
+def test_dapo_overlong_window_starts_past_the_longest_complete_answer(tmp_path):
+    config = preset_config("dapo", output_dir=str(tmp_path), max_completion_length=24, **BASE)
+    # Without the task's bound: cache 6, so a 20-token complete answer would cost (18 - 20) / 6 = -1/3.
+    (default,) = preset_reward_funcs("dapo", config)
+    assert default(completion_ids=[[1] * 18, [1] * 20]) == pytest.approx([0.0, -1 / 3])
+    # The task says complete answers take at most 21 tokens: the window is 21..24, cache 3.
+    (bounded,) = preset_reward_funcs("dapo", config, overlong_after=21)
+    assert bounded(completion_ids=[[1] * 20, [1] * 21, [1] * 22, [1] * 24, [1] * 25]) == pytest.approx(
+        [0.0, 0.0, -1 / 3, -1.0, -1.0])
+    # A bound at or past the budget leaves no window past it: the default window again.
+    (fallback,) = preset_reward_funcs("dapo", config, overlong_after=24)
+    assert fallback(completion_ids=[[1] * 20]) == pytest.approx([-1 / 3])
+    for bad in (0, -3, 2.5, True, "21"):
+        with pytest.raises(ValueError, match="overlong_after must be a positive number of tokens"):
+            preset_reward_funcs("dapo", config, overlong_after=bad)
+
+
+def test_worked_arithmetic_answers_are_never_punished_for_length(tmp_path):
+    from conspo.tasks.arithmetic import ArithmeticSpec, make_task
+
+    task = make_task(difficulty=ArithmeticSpec(3, 2, "+-"), n_train=2000, n_test=200, worked=True)
+    config = preset_config("dapo", output_dir=str(tmp_path), max_completion_length=task.max_completion_length, **BASE)
+    (punish,) = preset_reward_funcs("dapo", config, overlong_after=task.overlong_after)
+    lengths = [len(p["solution"]) + 1 for p in task.train + task.test]  # characters + end-of-sequence
+    assert max(lengths) == task.overlong_after
+    assert set(punish(completion_ids=[[1] * n for n in lengths])) == {0.0}
+    assert punish(completion_ids=[[1] * task.max_completion_length]) == [-1.0]
+
+
 # ------------------------------------------------------------------------------------- diagnostics and learning
 
 

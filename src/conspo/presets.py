@@ -28,7 +28,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cispo": dict(objective="trl", loss_type="cispo", beta=0.0),
 }
 
-# DAPO's soft overlong punishment: the last quarter of the completion budget is penalised linearly.
+# DAPO's soft overlong punishment: when the task does not say how long a complete answer can be, the last quarter
+# of the completion budget is penalised linearly (DAPO: 4096 of 20480 tokens).
 DAPO_OVERLONG_CACHE_FRACTION = 0.25
 
 
@@ -41,15 +42,30 @@ def preset_config(method: str, **overrides: Any):
     return ConSPOConfig(**{**PRESETS[method], **overrides})
 
 
-def preset_reward_funcs(method: str, config) -> list[Callable]:
-    """Extra reward functions a method adds to the task's verifier (DAPO: soft overlong punishment)."""
+def preset_reward_funcs(method: str, config, *, overlong_after: int | None = None) -> list[Callable]:
+    """Extra reward functions a method adds to the task's verifier (DAPO: soft overlong punishment).
+
+    DAPO's punishment is 0 up to ``max_completion_length - cache`` tokens, falls linearly to -1 at
+    ``max_completion_length`` and is -1 beyond. ``overlong_after`` (``Task.overlong_after``): the longest a
+    complete answer of the task can be, in tokens with end-of-sequence; when given, the window starts there
+    (``cache = max_completion_length - overlong_after``), so no complete answer is punished for its length. Without
+    it the window is the last ``DAPO_OVERLONG_CACHE_FRACTION`` of the budget, which punishes correct answers whose
+    length is close to the budget (a budget set tight to a task's longest answer, as for worked arithmetic).
+    """
     if method not in PRESETS:
         raise ValueError(f"unknown method {method!r}; accepted values: {', '.join(METHODS)}")
+    if overlong_after is not None and (isinstance(overlong_after, bool) or not isinstance(overlong_after, int)
+                                       or overlong_after < 1):
+        raise ValueError(f"overlong_after must be a positive number of tokens or None, got {overlong_after!r}")
     if method != "dapo":
         return []
     from trl.rewards import get_soft_overlong_punishment
 
-    cache = max(1, int(config.max_completion_length * DAPO_OVERLONG_CACHE_FRACTION))
-    punishment = get_soft_overlong_punishment(config.max_completion_length, cache)
+    budget = config.max_completion_length
+    if overlong_after is not None and overlong_after < budget:
+        cache = budget - overlong_after
+    else:  # unknown, or the budget leaves no room past the longest answer: the default window
+        cache = max(1, int(budget * DAPO_OVERLONG_CACHE_FRACTION))
+    punishment = get_soft_overlong_punishment(budget, cache)
     punishment.__name__ = "soft_overlong_punishment"
     return [punishment]

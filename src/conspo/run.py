@@ -294,7 +294,7 @@ def train(
         print(f"[conspo] {note}")
 
     verifier = make_reward_func(task_obj.verifier, name="correct", strict=strict_rewards, timeout_s=REWARD_TIMEOUT_S)
-    reward_funcs = [verifier, *preset_reward_funcs(method, args)]
+    reward_funcs = [verifier, *preset_reward_funcs(method, args, overlong_after=task_obj.overlong_after)]
     if len(reward_funcs) > 1 and args.correctness_reward is None:
         args.correctness_reward = "correct"  # correctness comes from the verifier, not the length penalty
     rows = [{"prompt": format_prompt(p["question"], task_obj.instruction, template, tokenizer),

@@ -308,6 +308,8 @@ def make_task(
         verifier=score_worked if worked else score_integer,
         instruction="",
         max_completion_length=max_completion_length,
+        # Every correct completion fits in max_completion_length - 1 tokens (the slack token is for wrong ones).
+        overlong_after=max_completion_length - 1,
         metadata={
             "spec": asdict(spec),
             "difficulty": difficulty if isinstance(difficulty, int) else None,

@@ -22,6 +22,8 @@ class Task:
     verifier:    ``(completion, answer) -> VerifyResult``; must never ``eval`` model output.
     instruction: text appended to each question in the prompt (e.g. "Put the final answer in \\boxed{}.").
     max_completion_length: a completion budget in tokens that suits the task.
+    overlong_after: the longest a complete answer can be, in tokens with end-of-sequence, when the task knows it
+                 (None otherwise); length penalties such as DAPO's start only past it.
     """
 
     name: str
@@ -31,3 +33,4 @@ class Task:
     instruction: str = ""
     max_completion_length: int = 256
     metadata: dict = field(default_factory=dict)
+    overlong_after: int | None = None
