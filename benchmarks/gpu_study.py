@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-generations", type=int, default=8, help="rollouts per prompt")
     p.add_argument("--completion-length", type=int, default=None,
                    help="max_completion_length (default: the task's, answer characters + 2)")
+    p.add_argument("--eval-samples", type=int, default=8,
+                   help="completions sampled per held-out problem after training for avg@1, pass@k and maj@k "
+                   "(k = this number; 0 skips the sampled evaluation)")
+    p.add_argument("--eval-problems", type=int, default=200, help="held-out problems in the sampled evaluation")
     p.add_argument("--lr", type=float, default=2e-5, help="RL learning rate (constant), same for every method")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
     p.add_argument("--fast-generation", choices=("auto", "on", "off"), default="off",
@@ -268,6 +272,38 @@ def greedy_accuracy(model, tokenizer, problems, verifier, *, max_new_tokens: int
             score += sum(verifier(t, p["answer"]).score for t, p in zip(texts, chunk))
     model.train(was_training)
     return score / max(1, len(problems))
+
+
+def sampled_metrics(model, tokenizer, problems, verifier, *, samples: int, max_new_tokens: int, temperature: float,
+                    seed: int) -> dict:
+    """avg@1, pass@k and maj@k (k = ``samples``) over ``problems``, ``samples`` completions each, at ``temperature``.
+
+    pass@k and maj@k with k = n are the plain "any correct" and "majority answer correct" rates (conspo.metrics,
+    ties counted fractionally); the sampling is seeded, so a run's numbers are reproducible on the same machine.
+    """
+    import torch
+
+    from conspo.metrics import problem_metrics
+
+    device = next(model.parameters()).device
+    model.eval()
+    torch.manual_seed(seed)
+    per_problem = []
+    with torch.no_grad():
+        for i in range(0, len(problems), 128):
+            chunk = problems[i : i + 128]
+            enc = tokenizer([p["question"] for p in chunk], add_special_tokens=False, padding=True,
+                            padding_side="left", return_tensors="pt").to(device)
+            out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=1.0,
+                                 num_return_sequences=samples, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for j, p in enumerate(chunk):
+                results = [verifier(t, p["answer"]) for t in texts[j * samples : (j + 1) * samples]]
+                per_problem.append(problem_metrics([r.extracted for r in results], [r.score == 1.0 for r in results],
+                                                   (1, samples)))
+    keys = ["avg@1", f"pass@{samples}", f"maj@{samples}"]
+    return {k: sum(m[k] for m in per_problem) / max(1, len(per_problem)) for k in keys}
 
 
 def warm_start(model, tokenizer, train, val, verifier, *, device, seconds, max_steps, batch, lr, stop_at,
@@ -410,6 +446,11 @@ def rl_run(method: str, seed: int, *, args, task, tokenizer, warm_dir: Path, wor
         torch.cuda.synchronize()
     rl_s = time.perf_counter() - t_rl
     after = greedy_accuracy(trainer.model, tokenizer, task.test, task.verifier, max_new_tokens=max_new)
+    sampled = {}
+    if args.eval_samples > 0:
+        sampled = sampled_metrics(trainer.model, tokenizer, task.test[: args.eval_problems], task.verifier,
+                                  samples=args.eval_samples, max_new_tokens=max_new, temperature=args.temperature,
+                                  seed=1000 + seed)
     logs = [r for r in trainer.state.log_history if "reward" in r]
     curve = [[r.get("step"), round(r["reward"], 4), round(r.get("completions/mean_length", float("nan")), 2)]
              for r in logs]
@@ -420,6 +461,7 @@ def rl_run(method: str, seed: int, *, args, task, tokenizer, warm_dir: Path, wor
         "heldout_before": before,
         "heldout_after": after,
         "gain_points": 100 * (after - before),
+        "sampled": sampled,
         "rl_steps": trainer.state.global_step,
         "rl_seconds": round(rl_s, 1),
         "run_seconds": round(time.perf_counter() - t_run, 1),
@@ -443,27 +485,42 @@ def fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _sampled_keys(runs: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in runs for k in r.get("sampled", {})))
+
+
+def _mean_sd(values: list[float]) -> str:
+    """``"62.2 ± 1.1"`` in points (values are fractions); the sd only with two values or more."""
+    mean = 100 * statistics.mean(values)
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
 def results_table(runs: list[dict]) -> str:
-    lines = ["| method | seed | held-out before | held-out after | gain (points) | RL steps | RL wall (s) | "
-             "run wall (s) | reward first -> last step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """One row per run, then (with several seeds of a method) mean ± sd over seeds per method, printed last."""
+    keys = _sampled_keys(runs)
+    lines = ["| method | seed | held-out before | held-out after | gain (points) | "
+             + "".join(f"{k} | " for k in keys) + "RL steps | RL wall (s) | run wall (s) | reward first -> last step |",
+             "|---" * (9 + len(keys)) + "|"]
     for r in runs:
         rw = "-" if r["reward_first"] is None else f"{r['reward_first']:.3f} -> {r['reward_last']:.3f}"
+        cells = "".join(f"{fmt_pct(r.get('sampled', {}).get(k))} | " for k in keys)
         lines.append(f"| {r['method']} | {r['seed']} | {fmt_pct(r['heldout_before'])} | {fmt_pct(r['heldout_after'])} "
-                     f"| {r['gain_points']:+.1f} | {r['rl_steps']} | {r['rl_seconds']:.1f} | {r['run_seconds']:.1f} "
-                     f"| {rw} |")
+                     f"| {r['gain_points']:+.1f} | {cells}{r['rl_steps']} | {r['rl_seconds']:.1f} | "
+                     f"{r['run_seconds']:.1f} | {rw} |")
     methods = list(dict.fromkeys(r["method"] for r in runs))
     if any(sum(r["method"] == m for r in runs) > 1 for m in methods):
-        lines += ["", "| method | seeds | held-out before | held-out after (mean) | gain mean (sd), points |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "Mean ± sd over seeds, points:", "",
+                  ("| method | seeds | held-out greedy after | gain | " + "".join(f"{k} | " for k in keys)).rstrip(),
+                  "|---" * (4 + len(keys)) + "|"]
         for m in methods:
             rs = [r for r in runs if r["method"] == m]
-            gains = [r["gain_points"] for r in rs]
-            sd = statistics.stdev(gains) if len(gains) > 1 else float("nan")
+            gains = [r["gain_points"] / 100 for r in rs]
+            sampled = "".join(
+                f"{_mean_sd([r['sampled'][k] for r in rs]) if all(k in r.get('sampled', {}) for r in rs) else '-'} | "
+                for k in keys)
             lines.append(f"| {m} | {','.join(str(r['seed']) for r in rs)} | "
-                         f"{fmt_pct(statistics.mean(r['heldout_before'] for r in rs))} | "
-                         f"{fmt_pct(statistics.mean(r['heldout_after'] for r in rs))} | "
-                         f"{statistics.mean(gains):+.1f} ({'-' if math.isnan(sd) else f'{sd:.1f}'}) |")
+                         f"{_mean_sd([r['heldout_after'] for r in rs])} | {'+' if statistics.mean(gains) >= 0 else ''}{_mean_sd(gains)} | "
+                         f"{sampled}".rstrip())
     return "\n".join(lines)
 
 

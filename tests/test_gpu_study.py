@@ -55,6 +55,10 @@ def test_cpu_smoke_runs_end_to_end_and_writes_the_table(gpu_study, tmp_path, cap
     meta, runs = data["meta"], data["runs"]
     assert [r["method"] for r in runs] == ["conspo", "grpo"]
     assert all(r["rl_steps"] == 2 and 0.0 <= r["heldout_after"] <= 1.0 for r in runs)
+    for r in runs:  # the sampled evaluation: 8 completions per held-out problem
+        m = r["sampled"]
+        assert set(m) == {"avg@1", "pass@8", "maj@8"} and all(0.0 <= v <= 1.0 for v in m.values())
+        assert m["pass@8"] >= m["avg@1"] and m["pass@8"] >= m["maj@8"]
     # Both runs start from the same saved warm start.
     assert runs[0]["heldout_before"] == runs[1]["heldout_before"]
     assert meta["answer_only"] is False and meta["teacher_slip"] == 0.6
