@@ -371,6 +371,27 @@ def load_warm_start(warm_dir: Path, key: dict) -> dict | None:
 # ------------------------------------------------------------------------------------------------- RL runs
 
 
+def score_spread(path: Path) -> dict | None:
+    """From a ``batch-step<N>.json`` dump: the median within-group standard deviation of the scores (population sd,
+    nats/token) and the mean positive-minus-negative score gap over mixed groups; None when there is no dump.
+
+    docs/results.md calibrates ConSPO's tau from the first of these (tau about the median within-group sd).
+    """
+    try:
+        batch = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    groups: dict[int, list[tuple[float, bool]]] = {}
+    for score, ok, gid in zip(batch["scores"], batch["correct"], batch["group_ids"]):
+        groups.setdefault(gid, []).append((score, bool(ok)))
+    sds = [statistics.pstdev(x for x, _ in g) for g in groups.values() if len(g) > 1]
+    gaps = [statistics.mean(x for x, ok in g if ok) - statistics.mean(x for x, ok in g if not ok)
+            for g in groups.values() if any(ok for _, ok in g) and not all(ok for _, ok in g)]
+    return {"median_group_sd": round(statistics.median(sds), 4) if sds else None,
+            "mean_gap": round(statistics.mean(gaps), 4) if gaps else None,
+            "groups": len(groups), "mixed_groups": len(gaps)}
+
+
 def _progress_callback_class():
     from transformers import TrainerCallback
 
@@ -428,6 +449,7 @@ def rl_run(method: str, seed: int, *, args, task, tokenizer, warm_dir: Path, wor
         use_cpu=not cuda,
         bf16=bool(cuda and torch.cuda.is_bf16_supported()),
         fast_generation=args.fast_generation,
+        dump_batch_step=1,  # the first batch's scores: the within-group spread that tau is calibrated from
     )
     config = preset_config(preset, **{**settings, **overrides})
     extra = preset_reward_funcs(preset, config, overlong_after=task.overlong_after)  # DAPO: past the longest answer
@@ -451,6 +473,7 @@ def rl_run(method: str, seed: int, *, args, task, tokenizer, warm_dir: Path, wor
         sampled = sampled_metrics(trainer.model, tokenizer, task.test[: args.eval_problems], task.verifier,
                                   samples=args.eval_samples, max_new_tokens=max_new, temperature=args.temperature,
                                   seed=1000 + seed)
+    spread = score_spread(out_dir / "batch-step1.json")
     logs = [r for r in trainer.state.log_history if "reward" in r]
     curve = [[r.get("step"), round(r["reward"], 4), round(r.get("completions/mean_length", float("nan")), 2)]
              for r in logs]
@@ -462,6 +485,7 @@ def rl_run(method: str, seed: int, *, args, task, tokenizer, warm_dir: Path, wor
         "heldout_after": after,
         "gain_points": 100 * (after - before),
         "sampled": sampled,
+        "score_spread_step1": spread,
         "rl_steps": trainer.state.global_step,
         "rl_seconds": round(rl_s, 1),
         "run_seconds": round(time.perf_counter() - t_run, 1),
@@ -541,8 +565,20 @@ def header(meta: dict) -> str:
     ])
 
 
+def spread_line(runs: list[dict]) -> str | None:
+    """The first batch's within-group score spread, median over runs, and the tau it suggests (docs/results.md)."""
+    sds = [r["score_spread_step1"]["median_group_sd"] for r in runs
+           if (r.get("score_spread_step1") or {}).get("median_group_sd") is not None]
+    if not sds:
+        return None
+    sd = statistics.median(sds)
+    return (f"first-batch score spread within groups: median sd {sd:.3f} nats/token (median over {len(sds)} runs); "
+            f"the calibration rule of docs/results.md suggests ConSPO tau of about {sd:.2g}")
+
+
 def write_results(out: Path, meta: dict, runs: list[dict]) -> str:
-    text = header(meta) + "\n\n" + results_table(runs)
+    spread = spread_line(runs)
+    text = header(meta) + ("\n" + spread if spread else "") + "\n\n" + results_table(runs)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))

@@ -55,6 +55,10 @@ def test_cpu_smoke_runs_end_to_end_and_writes_the_table(gpu_study, tmp_path, cap
     meta, runs = data["meta"], data["runs"]
     assert [r["method"] for r in runs] == ["conspo", "grpo"]
     assert all(r["rl_steps"] == 2 and 0.0 <= r["heldout_after"] <= 1.0 for r in runs)
+    for r in runs:  # the first batch's within-group spread, from the trainer's dump
+        spread = r["score_spread_step1"]
+        assert spread["groups"] == 4 and spread["median_group_sd"] >= 0.0
+    assert "first-batch score spread within groups" in (out / "results.md").read_text()
     for r in runs:  # the sampled evaluation: 8 completions per held-out problem
         m = r["sampled"]
         assert set(m) == {"avg@1", "pass@8", "maj@8"} and all(0.0 <= v <= 1.0 for v in m.values())
@@ -101,3 +105,15 @@ def test_method_overrides_are_parsed_with_their_types(gpu_study):
     assert gpu_study.parse_method("conspo@tau=0.3@neg_reduce=mean@trust_region=true") == (
         "conspo", {"tau": 0.3, "neg_reduce": "mean", "trust_region": True})
     gpu_study.check_methods(["conspo@tau=0.3", "disco", "dapo"])  # accepted: no exception
+
+
+def test_score_spread_against_a_hand_computed_batch(gpu_study, tmp_path):
+    # group 0: scores -1, -2 (one right, one wrong): sd 0.5, gap +1; group 1: -1, -1, -4 all wrong: sd sqrt(2);
+    # group 2: one sample: no sd. Median of [0.5, 1.414...] = 0.957...
+    path = tmp_path / "batch-step1.json"
+    path.write_text(json.dumps({"scores": [-1.0, -2.0, -1.0, -1.0, -4.0, -3.0], "correct": [1, 0, 0, 0, 0, 1],
+                                "group_ids": [0, 0, 1, 1, 1, 2]}))
+    spread = gpu_study.score_spread(path)
+    assert spread["median_group_sd"] == pytest.approx((0.5 + 2 ** 0.5) / 2, abs=1e-4)
+    assert spread["mean_gap"] == pytest.approx(1.0) and spread["mixed_groups"] == 1 and spread["groups"] == 3
+    assert gpu_study.score_spread(tmp_path / "missing.json") is None
