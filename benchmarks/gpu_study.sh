@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU study (issue 7) on a lent GPU, in one call: installs the carried wheels, records the card, date and
+# versions, runs benchmarks/gpu_study.py with the given arguments (default: the full comparison) under a time
+# limit, and leaves log.txt, results.json and results.md in $OUT; the results table is the last thing printed.
+# Run from the repository root with the wheels of trl, datasets, dill and multiprocess (py312) in .gpu_wheels/
+# (docs/benchmarks.md, "GPU study"); the machine's own torch/transformers/accelerate are used.
+#
+#   bash benchmarks/gpu_study.sh                                   # on the GPU machine: the default comparison
+#   bash benchmarks/gpu_study.sh --seeds 3 --methods conspo,grpo   # any gpu_study.py arguments
+#   CPU_DRY_RUN=1 PY=.venv/bin/python bash benchmarks/gpu_study.sh # the same steps on CPU (--cpu-smoke)
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_study_out}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+if [ -z "${CPU_DRY_RUN:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu_wheels/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+  EXTRA=()
+else
+  export PYTHONPATH=$PWD/src
+  EXTRA=(--cpu-smoke --sft-seconds 3 --no-warmup-run)
+fi
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
+{ date -u +"%Y-%m-%d %H:%M UTC"; git rev-parse --short HEAD 2>/dev/null; } | tee -a "$OUT/gpu.txt"
+$PY -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+timeout "${STUDY_TIMEOUT:-560}" $PY benchmarks/gpu_study.py --out "$OUT" "${EXTRA[@]}" "$@" 2>&1 \
+  | grep -v -i "warn\|Loading weights" | tee "$OUT/log.txt"
+echo "gpu_study exit ${PIPESTATUS[0]}"
