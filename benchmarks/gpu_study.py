@@ -27,10 +27,8 @@ What it does, in order:
         --methods conspo,disco,grpo,dr_grpo,dapo,gspo,cispo              # the CPU rehearsal (docs/benchmarks.md)
     python benchmarks/gpu_study.py --cpu-smoke                          # tiny sizes on CPU, 2 RL steps, 2 methods
 
-On the lent GPU machine, run it with the carried wheels (docs/benchmarks.md, "GPU study (issue 7)"):
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu_wheels/*.whl
-    PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_study.py
+On the lent GPU machine, ``bash benchmarks/gpu_study.sh [ARGS]`` installs the carried wheels, records the card and
+date, and runs this script (docs/benchmarks.md, "GPU study (issue 7)").
 """
 
 from __future__ import annotations
