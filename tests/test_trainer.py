@@ -171,6 +171,13 @@ def test_dapo_overlong_window_starts_past_the_longest_complete_answer(tmp_path):
             preset_reward_funcs("dapo", config, overlong_after=bad)
 
 
+def test_preset_functions_are_exported_at_the_top_level():
+    import conspo
+
+    assert conspo.preset_reward_funcs is preset_reward_funcs and conspo.preset_config is preset_config
+    assert "preset_reward_funcs" in conspo.__all__
+
+
 def test_worked_arithmetic_answers_are_never_punished_for_length(tmp_path):
     from conspo.tasks.arithmetic import ArithmeticSpec, make_task
 

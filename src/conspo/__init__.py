@@ -15,14 +15,15 @@ _LAZY = {
     "ConSPOConfig": "conspo.trainer",
     "ConSPOTrainer": "conspo.trainer",
     "preset_config": "conspo.presets",
+    "preset_reward_funcs": "conspo.presets",
     "METHODS": "conspo.presets",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from conspo.presets import METHODS, preset_config
+    from conspo.presets import METHODS, preset_config, preset_reward_funcs
     from conspo.trainer import ConSPOConfig, ConSPOTrainer
 
-__all__ = ["ConSPOConfig", "ConSPOTrainer", "preset_config", "METHODS", "__version__"]
+__all__ = ["ConSPOConfig", "ConSPOTrainer", "preset_config", "preset_reward_funcs", "METHODS", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
