@@ -9,22 +9,14 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check_out}
 PY=${PY:-python3}
-mkdir -p "$OUT"
+source benchmarks/device_env.sh
 if [ -z "${CPU_DRY_RUN:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu_wheels/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD/src
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
   BENCH=(--gpu --rounds 1 --warmup 2 --steps 4)
   CHECK=()
 else
-  export PYTHONPATH=$PWD/src
   BENCH=(--rounds 1 --warmup 1 --steps 2 --variants grpo,conspo,conspo_fast --fast-compile '{"backend": "aot_eager", "mode": null}')
   CHECK=(--cpu)
 fi
-export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false
-date -u +"%Y-%m-%d %H:%M UTC" | tee -a "$OUT/gpu.txt"
-git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
-$PY -c "import torch, transformers, trl, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'datasets', datasets.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 
 echo "== benchmark"
 timeout "${BENCH_TIMEOUT:-270}" $PY benchmarks/trainer_overhead.py "${BENCH[@]}" --json-out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"

@@ -11,19 +11,10 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_study_out}
 PY=${PY:-python3}
-mkdir -p "$OUT"
-if [ -z "${CPU_DRY_RUN:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu_wheels/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD/src
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
-  EXTRA=()
-else
-  export PYTHONPATH=$PWD/src
-  EXTRA=(--cpu-smoke --sft-seconds 3 --no-warmup-run)
-fi
-export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
-{ date -u +"%Y-%m-%d %H:%M UTC"; git rev-parse --short HEAD 2>/dev/null; } | tee -a "$OUT/gpu.txt"
-$PY -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+source benchmarks/device_env.sh
+export PYTHONWARNINGS=ignore
+EXTRA=()
+[ -n "${CPU_DRY_RUN:-}" ] && EXTRA=(--cpu-smoke --sft-seconds 3 --no-warmup-run)
 timeout "${STUDY_TIMEOUT:-560}" $PY benchmarks/gpu_study.py --out "$OUT" "${EXTRA[@]}" "$@" 2>&1 \
   | grep -v -i "warn\|Loading weights" | tee "$OUT/log.txt"
 echo "gpu_study exit ${PIPESTATUS[0]}"
