@@ -197,7 +197,7 @@ def disco_credit(scores: Tensor, correct: Tensor, group_ids: Tensor, *, tau: flo
 
 
 def separation_metrics(scores: Tensor, correct: Tensor, group_ids: Tensor) -> dict[str, float]:
-    """score_gap, auc (brute force over pairs, ties 1/2), valid_frac, reward_mean."""
+    """score_gap, auc (brute force over pairs, ties 1/2), valid_frac, reward_mean, score_sd."""
     s = scores.detach().to(F64).tolist()
     vgroups = valid_groups(correct, group_ids)
     gaps, aucs = [], []
@@ -215,7 +215,16 @@ def separation_metrics(scores: Tensor, correct: Tensor, group_ids: Tensor) -> di
         "auc": sum(aucs) / len(aucs) if aucs else 0.5,
         "valid_frac": len(vgroups) / n_groups if n_groups else 0.0,
         "reward_mean": sum(bool(c) for c in correct.tolist()) / n_rows if n_rows else 0.0,
+        "score_sd": _median_group_sd(s, group_ids),
     }
+
+
+def _median_group_sd(s: list[float], group_ids: Tensor) -> float:
+    """Median over groups of two rows or more of the population sd of their scores (statistics module)."""
+    import statistics
+
+    sds = [statistics.pstdev([s[i] for i in rows]) for rows in groups_of(group_ids).values() if len(rows) > 1]
+    return statistics.median(sds) if sds else 0.0
 
 
 def neg_entropy(scores: Tensor, correct: Tensor, group_ids: Tensor, *, tau: float) -> float:

@@ -851,3 +851,19 @@ BAD_CALLS = [
 def test_bad_input_raises_value_error_naming_the_argument(name, call):
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         call()
+
+
+def test_score_sd_by_hand():
+    # group 7: (-1, -3) sd 1; group 2: (0, 0, -3) sd sqrt(2); group 5: one row (ignored); group 9: (-2, -2) sd 0.
+    scores = torch.tensor([-1.0, 0.0, -3.0, -4.0, 0.0, -2.0, -3.0, -2.0], dtype=torch.float64)
+    ids = torch.tensor([7, 2, 7, 5, 2, 9, 2, 9])
+    correct = torch.tensor([1, 0, 0, 1, 1, 0, 0, 1], dtype=torch.bool)
+    got = separation_metrics(scores, correct, ids)["score_sd"]
+    assert float(got) == pytest.approx(1.0)  # median of (0, 1, sqrt 2)
+    # An even count of groups: the mean of the two middle values, (1 + sqrt 2) / 2 once group 9 is gone.
+    keep = ids != 9
+    got = separation_metrics(scores[keep], correct[keep], ids[keep])["score_sd"]
+    assert float(got) == pytest.approx((1 + 2**0.5) / 2)
+    # Only single-row groups: no spread to measure, 0.
+    got = separation_metrics(scores[:2], correct[:2], torch.tensor([1, 2]))["score_sd"]
+    assert float(got) == 0.0

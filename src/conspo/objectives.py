@@ -371,6 +371,9 @@ def separation_metrics(
       pairs with ``s_pos > s_neg`` (ties count 1/2), computed from within-group mid-ranks (Mann-Whitney).
     * ``valid_frac``: fraction of groups with at least one positive and one negative.
     * ``reward_mean``: fraction of correct rollouts.
+    * ``score_sd``: median over groups of two rows or more of the within-group standard deviation of the scores
+      (population sd; the mean of the two middle values for an even count; 0 with no such group). Added here, not
+      in the spec: ConSPO's tau is calibrated from it at the start of training (docs/results.md).
 
     With no valid group, ``score_gap`` is 0 and ``auc`` is 0.5 (no information).
     """
@@ -383,7 +386,7 @@ def separation_metrics(
     device = s.device
     if b == 0:
         zero = torch.zeros((), dtype=dtype, device=device)
-        return {"score_gap": zero, "auc": zero + 0.5, "valid_frac": zero, "reward_mean": zero}
+        return {"score_gap": zero, "auc": zero + 0.5, "valid_frac": zero, "reward_mean": zero, "score_sd": zero}
     n_pos = groups.n_pos.to(dtype)
     n_neg = groups.n_neg.to(dtype)
     pos_f = correct.to(dtype)
@@ -419,7 +422,22 @@ def separation_metrics(
         "auc": torch.where(n_valid > 0, per_group_auc.sum() / denom, torch.full_like(denom, 0.5)),
         "valid_frac": n_valid / n_groups.clamp(min=1),
         "reward_mean": pos_f.mean(),
+        "score_sd": _median_group_sd(s, groups),
     }
+
+
+def _median_group_sd(s: Tensor, groups: _Groups) -> Tensor:
+    """Median over groups with >= 2 rows of the within-group population sd of ``s``; 0-d, no host sync."""
+    count = (groups.n_pos + groups.n_neg).to(s.dtype)
+    mean = _safe_div(_group_sum(s, groups), count)
+    dev = s - mean[groups.index]
+    sd = _safe_div(_group_sum(dev * dev, groups), count).clamp(min=0).sqrt()
+    multi = count > 1
+    ranked = torch.sort(torch.where(multi, sd, torch.full_like(sd, float("inf")))).values
+    k = multi.sum()
+    middle = torch.stack([(k - 1).clamp(min=0) // 2, k // 2]).clamp(max=ranked.shape[0] - 1)
+    median = ranked.index_select(0, middle).mean()
+    return torch.where(k > 0, median, torch.zeros_like(median))
 
 
 def margin_at(
