@@ -210,27 +210,10 @@ def parse_seeds(text: str) -> list[int]:
 # ------------------------------------------------------------------------------------------ model and data
 
 
-def teacher_completion(problem: dict, slip: float) -> str:
-    """The warm start's target for one problem: its worked solution (or bare answer) with the teacher's habit.
-
-    The habit is the CPU testbed's (``conspo.tasks.tiny_model.teacher_answer``): on a ``slip`` fraction of the
-    problems with an odd answer the final number is written as the next integer, so a model that learns the
-    arithmetic well still has a systematic error for RL to unlearn. ``"58-4=54;54-43=11"`` may become
-    ``"58-4=54;54-43=12"``; the steps before the last ``=`` are kept.
-    """
-    from conspo.tasks.tiny_model import teacher_answer
-
-    final = teacher_answer(problem["question"], problem["answer"], slip)
-    solution = problem.get("solution")
-    if solution is None:
-        return final
-    return solution[: solution.rfind("=") + 1] + final
-
-
 def encode_sft(tokenizer, problems, device):
     """Right-padded ``input_ids`` and ``labels`` (-100 on prompt and padding): completion = ``answer`` + EOS.
 
-    ``answer`` here is the supervised target (:func:`teacher_completion`), not necessarily the true answer.
+    ``answer`` here is the supervised target (``tiny_model.teacher_target``), not necessarily the true answer.
     """
     import torch
 
@@ -622,12 +605,12 @@ def main(argv: list[str] | None = None) -> int:
     from datasets import Dataset
 
     from conspo.tasks.arithmetic import make_task
-    from conspo.tasks.tiny_model import TinyModelSpec, build_model, build_tokenizer
+    from conspo.tasks.tiny_model import TinyModelSpec, build_model, build_tokenizer, teacher_target
 
     task = make_task(difficulty=spec_ar, n_train=args.n_train + args.val_size, n_test=args.n_test, seed=0,
                      worked=not args.answer_only)
     train, val = task.train[: -args.val_size], task.train[-args.val_size :]
-    sft_train = [{"question": p["question"], "answer": teacher_completion(p, args.teacher_slip)} for p in train]
+    sft_train = [{"question": p["question"], "answer": teacher_target(p, args.teacher_slip)} for p in train]
     max_new = args.completion_length or task.max_completion_length
     tokenizer = build_tokenizer()
     spec = TinyModelSpec(**scale["spec"])

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from conspo.tasks.arithmetic import ArithmeticSpec, make_task
-from conspo.tasks.tiny_model import teacher_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,30 +18,6 @@ def gpu_study():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def test_teacher_completion_keeps_the_steps_and_slips_only_the_final_number(gpu_study):
-    task = make_task(difficulty=ArithmeticSpec(3, 2, "+-"), n_train=400, n_test=1, seed=0, worked=True)
-    slipped = 0
-    for p in task.train:
-        assert gpu_study.teacher_completion(p, 0.0) == p["solution"]
-        target = gpu_study.teacher_completion(p, 1.0)
-        head, final = target.rsplit("=", 1)
-        assert head == p["solution"].rsplit("=", 1)[0]
-        if int(p["answer"]) % 2:
-            assert int(final) == int(p["answer"]) + 1
-            slipped += 1
-        else:
-            assert final == p["answer"]
-        # A fractional slip follows the CPU testbed's teacher exactly, problem by problem.
-        assert final_of(gpu_study.teacher_completion(p, 0.6)) == teacher_answer(p["question"], p["answer"], 0.6)
-    assert 100 < slipped < 300
-    bare = {"question": "3+4=", "answer": "7"}
-    assert gpu_study.teacher_completion(bare, 1.0) == "8" and gpu_study.teacher_completion(bare, 0.0) == "7"
-
-
-def final_of(text: str) -> str:
-    return text.rsplit("=", 1)[1]
 
 
 def test_cpu_smoke_runs_end_to_end_and_writes_the_table(gpu_study, tmp_path, capsys):

@@ -102,6 +102,28 @@ def crashed_copy(reference: Path, dest: Path, *, keep_up_to: int) -> Path:
     return dest
 
 
+def test_worked_task_runs_from_the_main_job_with_its_length_bound(tiny_dir, tmp_path, monkeypatch):
+    """``--task arithmetic_worked``: the budget and DAPO's overlong bound come from the task."""
+    import conspo.presets
+    from conspo.tasks.registry import get_task
+
+    seen = {}
+    real = conspo.presets.preset_reward_funcs
+
+    def spy(method, config, **kw):
+        seen.update(kw, budget=config.max_completion_length)
+        return real(method, config, **kw)
+
+    monkeypatch.setattr(conspo.presets, "preset_reward_funcs", spy)
+    config = {k: v for k, v in CONFIG.items() if k != "max_completion_length"}
+    summary = train(model=str(tiny_dir), task="arithmetic_worked", method="dapo", output_dir=tmp_path / "run",
+                    max_steps=2, seed=0, config=config, eval_limit=8)
+    task = get_task("arithmetic_worked")
+    assert task.name == "arithmetic_worked" and task.overlong_after == task.max_completion_length - 1
+    assert seen == {"overlong_after": task.overlong_after, "budget": task.max_completion_length}
+    assert summary["steps"] == 2 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
 # ----------------------------------------------------------------------------------------------- resume
 
 

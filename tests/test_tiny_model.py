@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conspo.rewards.base import VerifyResult
 from conspo.tasks import tiny_model
-from conspo.tasks.arithmetic import make_task
+from conspo.tasks.arithmetic import ArithmeticSpec, make_task
 from conspo.tasks.tiny_model import (
     CHARACTERS,
     DEFAULT_RL,
@@ -24,6 +24,7 @@ from conspo.tasks.tiny_model import (
     greedy_completions,
     load_tiny,
     teacher_answer,
+    teacher_target,
     warm_start,
 )
 
@@ -130,6 +131,36 @@ def test_teacher_answer_only_moves_odd_integers_and_only_on_a_fraction():
 
 
 # --- warm start and its cache --------------------------------------------------------------------------------
+
+
+def test_teacher_target_keeps_the_steps_and_slips_only_the_final_number():
+    task = make_task(difficulty=ArithmeticSpec(3, 2, "+-"), n_train=400, n_test=1, seed=0, worked=True)
+    slipped = 0
+    for p in task.train:
+        assert teacher_target(p, 0.0) == p["solution"]
+        target = teacher_target(p, 1.0)
+        head, final = target.rsplit("=", 1)
+        assert head == p["solution"].rsplit("=", 1)[0]
+        if int(p["answer"]) % 2:
+            assert int(final) == int(p["answer"]) + 1
+            slipped += 1
+        else:
+            assert final == p["answer"]
+        # A fractional slip follows the CPU testbed's teacher exactly, problem by problem.
+        assert teacher_target(p, 0.6).rsplit("=", 1)[1] == teacher_answer(p["question"], p["answer"], 0.6)
+    assert 100 < slipped < 300
+    bare = {"question": "3+4=", "answer": "7"}
+    assert teacher_target(bare, 1.0) == "8" and teacher_target(bare, 0.0) == "7"
+
+
+def test_worked_problems_hash_their_solutions_and_bare_ones_as_before():
+    worked = make_task(difficulty=1, n_train=60, n_test=10, worked=True)
+    bare = make_task(difficulty=1, n_train=60, n_test=10)
+    assert cache_key(worked, TINY_SPEC, TINY_CONFIG, 0) != cache_key(bare, TINY_SPEC, TINY_CONFIG, 0)
+    # Dropping the solutions from the worked task gives the bare task's key back: no old cache is invalidated.
+    stripped = dataclasses.replace(worked, name="arithmetic", max_completion_length=bare.max_completion_length,
+                                   train=[{k: v for k, v in p.items() if k != "solution"} for p in worked.train])
+    assert cache_key(stripped, TINY_SPEC, TINY_CONFIG, 0) == cache_key(bare, TINY_SPEC, TINY_CONFIG, 0)
 
 
 def test_warm_start_writes_a_cache_transformers_loads(task, tmp_path):

@@ -23,7 +23,7 @@ _HANDLERS = {
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face id or local path (default: the embedded tiny model)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--task", default=None, help="built-in task (default: arithmetic) or reasoning_gym:<name>")
+    src.add_argument("--task", default=None, help="built-in task: arithmetic (default) or arithmetic_worked; or reasoning_gym:<name>")
     src.add_argument("--dataset", default=None, help="local JSONL or Parquet file with question and answer fields")
     p.add_argument("--question-field", default=None, help="dataset field holding the question")
     p.add_argument("--answer-field", default=None, help="dataset field holding the answer or solution")

@@ -90,6 +90,8 @@ DIFFICULTIES: dict[int, ArithmeticSpec] = {
     7: ArithmeticSpec(n_operands=4, digits=2, operators="+-*"),
 }
 DEFAULT_DIFFICULTY = 3
+# The worked-solution task's default (``arithmetic_worked``): level 5, three two-digit operands with + and -.
+WORKED_DEFAULT = 5
 # Default split sizes; capped at what a small problem space holds when left to their defaults.
 DEFAULT_N_TRAIN = 12_000
 DEFAULT_N_TEST = 1_000
@@ -266,6 +268,18 @@ def score_worked(completion: str, answer: str) -> VerifyResult:
     return score_integer(completion[cut + 1 :], answer)
 
 
+def make_worked_task(
+    *,
+    difficulty: int | ArithmeticSpec = WORKED_DEFAULT,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+) -> Task:
+    """The ``arithmetic_worked`` task: :func:`make_task` with ``worked=True``, by default on three two-digit
+    operands with ``+ -`` (``WORKED_DEFAULT``; docs/results.md, "Second testbed")."""
+    return make_task(difficulty=difficulty, n_train=n_train, n_test=n_test, seed=seed, worked=True)
+
+
 def make_task(
     *,
     difficulty: int | ArithmeticSpec = DEFAULT_DIFFICULTY,
@@ -302,7 +316,7 @@ def make_task(
         # answer characters + end-of-sequence, with one token of slack: a wrong answer may be a digit longer.
         max_completion_length = spec.max_answer_chars + 2
     return Task(
-        name="arithmetic",
+        name="arithmetic_worked" if worked else "arithmetic",
         train=train,
         test=test,
         verifier=score_worked if worked else score_integer,

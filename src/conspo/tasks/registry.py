@@ -33,6 +33,7 @@ logger = logging.getLogger("conspo.tasks")
 
 BUILTIN_TASKS: dict[str, Callable[..., Task] | str] = {
     "arithmetic": "conspo.tasks.arithmetic:make_task",
+    "arithmetic_worked": "conspo.tasks.arithmetic:make_worked_task",
 }
 """Built-in procedural tasks: name -> factory ``(**options) -> Task``, or ``"module:function"``."""
 

@@ -213,7 +213,9 @@ def cache_key(task: Task, spec: TinyModelSpec, config: WarmStartConfig, seed: in
     """A hash of everything that decides the warm-started weights."""
     problems = hashlib.sha256()
     for p in task.train:
-        problems.update(json.dumps([p["question"], p["answer"]]).encode())
+        # A worked solution is a target too; problems without one hash as before (existing caches stay valid).
+        fields = [p["question"], p["answer"]] + ([p["solution"]] if "solution" in p else [])
+        problems.update(json.dumps(fields).encode())
         problems.update(b"\n")
     blob = json.dumps(
         {
@@ -273,17 +275,32 @@ def teacher_answer(question: str, answer: str, slip: float) -> str:
     return str(int(text) + 1)
 
 
+def teacher_target(problem: dict, slip: float) -> str:
+    """The supervised target of one problem: its worked solution when it has one, else its answer, with the
+    teacher's habit (:func:`teacher_answer`) on the final number only.
+
+    ``{"question": "58-4-43=", "answer": "11", "solution": "58-4=54;54-43=11"}`` may become
+    ``"58-4=54;54-43=12"``: the steps before the last ``=`` are kept as they are.
+    """
+    final = teacher_answer(problem["question"], problem["answer"], slip)
+    solution = problem.get("solution")
+    if solution is None:
+        return final
+    return solution[: solution.rfind("=") + 1] + final
+
+
 def supervised_train(
     model, tokenizer: PreTrainedTokenizerFast, task: Task, config: WarmStartConfig, *, seed: int = 0, log=None
 ) -> dict:
     """Train ``model`` in place on ``task.train`` minus its last ``val_size`` problems; returns a summary.
 
-    Targets are the teacher's (``teacher_slip``); stopping is decided on the true answers of the validation slice.
+    Targets are the teacher's (:func:`teacher_target`: the worked solution when the problems have one, else the
+    answer); stopping is decided on the true answers of the validation slice.
     """
     if len(task.train) <= config.val_size:
         raise ValueError(f"task.train has {len(task.train)} problems; need more than val_size={config.val_size}")
     train, val = task.train[: -config.val_size], task.train[-config.val_size :]
-    train = [{**p, "answer": teacher_answer(p["question"], p["answer"], config.teacher_slip)} for p in train]
+    train = [{**p, "answer": teacher_target(p, config.teacher_slip)} for p in train]
     ids, labels = _encode_examples(tokenizer, train, task.instruction)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
