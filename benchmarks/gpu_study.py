@@ -94,6 +94,24 @@ def parse_difficulty(text: str):
         raise SystemExit(f"--difficulty {text!r}: {err}") from err
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse names the option in its error)."""
+    def check(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    check.__name__ = f"integer >= {low}"
+    return check
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=("base", "large", "tiny"), default="base",
@@ -114,28 +132,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-slip", type=float, default=0.6,
                    help="fraction of odd answers the warm start's teacher writes as the next integer (the CPU "
                    "testbed's habit for RL to unlearn; 0: true answers only)")
-    p.add_argument("--n-train", type=int, default=100_000, help="training problems (SFT and RL prompts)")
-    p.add_argument("--n-test", type=int, default=1000, help="held-out problems for greedy accuracy")
-    p.add_argument("--sft-seconds", type=float, default=None,
+    p.add_argument("--n-train", type=_at_least(1), default=100_000, help="training problems (SFT and RL prompts)")
+    p.add_argument("--n-test", type=_at_least(1), default=1000, help="held-out problems for greedy accuracy")
+    p.add_argument("--sft-seconds", type=_positive_float, default=None,
                    help="time budget of the warm start (default: by scale, 90 s base, 150 s large)")
-    p.add_argument("--sft-max-steps", type=int, default=20_000, help="step cap of the warm start")
+    p.add_argument("--sft-max-steps", type=_at_least(1), default=20_000, help="step cap of the warm start")
     p.add_argument("--sft-stop-at", type=float, default=0.45,
                    help="stop the warm start once validation greedy accuracy reaches this (leaves RL headroom)")
-    p.add_argument("--sft-eval-every", type=int, default=50, help="warm-start steps between validation evaluations")
-    p.add_argument("--sft-lr", type=float, default=None, help="warm-start AdamW learning rate (default: by scale)")
-    p.add_argument("--sft-batch", type=int, default=None, help="warm-start batch size (default: by scale)")
-    p.add_argument("--val-size", type=int, default=512, help="training problems held back to decide when SFT stops")
-    p.add_argument("--rl-steps", type=int, default=100, help="optimizer steps per RL run (the per-run budget)")
-    p.add_argument("--prompts", type=int, default=64, help="prompts per RL step")
-    p.add_argument("--num-generations", type=int, default=8, help="rollouts per prompt")
-    p.add_argument("--completion-length", type=int, default=None,
+    p.add_argument("--sft-eval-every", type=_at_least(1), default=50, help="warm-start steps between validation evaluations")
+    p.add_argument("--sft-lr", type=_positive_float, default=None, help="warm-start AdamW learning rate (default: by scale)")
+    p.add_argument("--sft-batch", type=_at_least(1), default=None, help="warm-start batch size (default: by scale)")
+    p.add_argument("--val-size", type=_at_least(1), default=512, help="training problems held back to decide when SFT stops")
+    p.add_argument("--rl-steps", type=_at_least(1), default=100, help="optimizer steps per RL run (the per-run budget)")
+    p.add_argument("--prompts", type=_at_least(1), default=64, help="prompts per RL step")
+    p.add_argument("--num-generations", type=_at_least(2), default=8, help="rollouts per prompt")
+    p.add_argument("--completion-length", type=_at_least(1), default=None,
                    help="max_completion_length (default: the task's, answer characters + 2)")
-    p.add_argument("--eval-samples", type=int, default=8,
+    p.add_argument("--eval-samples", type=_at_least(0), default=8,
                    help="completions sampled per held-out problem after training for avg@1, pass@k and maj@k "
                    "(k = this number; 0 skips the sampled evaluation)")
-    p.add_argument("--eval-problems", type=int, default=200, help="held-out problems in the sampled evaluation")
-    p.add_argument("--lr", type=float, default=2e-5, help="RL learning rate (constant), same for every method")
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
+    p.add_argument("--eval-problems", type=_at_least(1), default=200, help="held-out problems in the sampled evaluation")
+    p.add_argument("--lr", type=_positive_float, default=2e-5, help="RL learning rate (constant), same for every method")
+    p.add_argument("--temperature", type=_positive_float, default=1.0, help="rollout temperature")
     p.add_argument("--fast-generation", choices=("auto", "on", "off"), default="off",
                    help="ConSPOConfig.fast_generation (default off: with completions this short, compiling the "
                    "decoding step, about 34 s per run on an H100, costs more than it saves in a 100-step run; "
@@ -199,12 +217,14 @@ def check_methods(methods: list[str]) -> None:
 
 
 def parse_seeds(text: str) -> list[int]:
-    if "," in text:
-        return [int(s) for s in text.split(",") if s.strip()]
-    n = int(text)
-    if n < 1:
-        raise SystemExit(f"--seeds {text!r}: give a count >= 1 or a comma-separated list")
-    return list(range(n))
+    """``"3"`` -> ``[0, 1, 2]``; ``"0,4"`` -> ``[0, 4]``."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()] if "," in text else list(range(int(text)))
+    except ValueError:
+        seeds = []
+    if not seeds or any(x < 0 for x in seeds):
+        raise SystemExit(f"--seeds {text!r}: give a count >= 1 or a comma-separated list of seeds >= 0")
+    return seeds
 
 
 # ------------------------------------------------------------------------------------------ model and data
@@ -236,25 +256,11 @@ def encode_sft(tokenizer, problems, device):
     return torch.tensor(rows, device=device), torch.tensor(masks, device=device)
 
 
-def greedy_accuracy(model, tokenizer, problems, verifier, *, max_new_tokens: int, batch_size: int = 1024) -> float:
-    """Mean verifier score of greedy completions (left-padded batches on the model's device)."""
-    import torch
+def greedy_accuracy(model, tokenizer, problems, verifier, *, max_new_tokens: int) -> float:
+    """``tiny_model.greedy_accuracy`` in batches of 1024 (the held-out set in one batch on a GPU)."""
+    from conspo.tasks.tiny_model import greedy_accuracy as tiny_greedy_accuracy
 
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    score = 0.0
-    with torch.no_grad():
-        for i in range(0, len(problems), batch_size):
-            chunk = problems[i : i + batch_size]
-            enc = tokenizer([p["question"] for p in chunk], add_special_tokens=False, padding=True,
-                            padding_side="left", return_tensors="pt").to(device)
-            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            score += sum(verifier(t, p["answer"]).score for t, p in zip(texts, chunk))
-    model.train(was_training)
-    return score / max(1, len(problems))
+    return tiny_greedy_accuracy(model, tokenizer, problems, verifier, max_new_tokens=max_new_tokens, batch_size=1024)
 
 
 def sampled_metrics(model, tokenizer, problems, verifier, *, samples: int, max_new_tokens: int, temperature: float,
@@ -591,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     check_methods(methods)
     if not 0.0 <= args.teacher_slip <= 1.0:
         raise SystemExit(f"--teacher-slip {args.teacher_slip}: must be in [0, 1]")
+    if not 0.0 < args.sft_stop_at <= 1.0:
+        raise SystemExit(f"--sft-stop-at {args.sft_stop_at}: must be in (0, 1]")
     spec_ar = parse_difficulty(args.difficulty)
     if args.cpu_smoke or args.device == "cpu":
         device = torch.device("cpu")
@@ -607,8 +615,11 @@ def main(argv: list[str] | None = None) -> int:
     from conspo.tasks.arithmetic import make_task
     from conspo.tasks.tiny_model import TinyModelSpec, build_model, build_tokenizer, teacher_target
 
-    task = make_task(difficulty=spec_ar, n_train=args.n_train + args.val_size, n_test=args.n_test, seed=0,
-                     worked=not args.answer_only)
+    try:
+        task = make_task(difficulty=spec_ar, n_train=args.n_train + args.val_size, n_test=args.n_test, seed=0,
+                         worked=not args.answer_only)
+    except ValueError as err:  # more problems asked for than the difficulty holds
+        raise SystemExit(f"--difficulty {args.difficulty} with --n-train + --val-size and --n-test: {err}") from err
     train, val = task.train[: -args.val_size], task.train[-args.val_size :]
     sft_train = [{"question": p["question"], "answer": teacher_target(p, args.teacher_slip)} for p in train]
     max_new = args.completion_length or task.max_completion_length

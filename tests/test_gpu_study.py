@@ -72,6 +72,24 @@ def test_bad_arguments_are_refused_with_the_accepted_values(gpu_study):
         gpu_study.main(["--cpu-smoke", "--methods", "conspo@tau"])
     with pytest.raises(SystemExit, match="expected OPERANDSxDIGITS:OPERATORS"):
         gpu_study.main(["--cpu-smoke", "--difficulty", "3:+-"])
+    with pytest.raises(SystemExit, match="--sft-stop-at 0.0: must be in"):
+        gpu_study.main(["--cpu-smoke", "--sft-stop-at", "0"])
+    with pytest.raises(SystemExit, match="give a count >= 1"):
+        gpu_study.main(["--cpu-smoke", "--seeds", "0"])
+    with pytest.raises(SystemExit, match="give a count >= 1"):
+        gpu_study.main(["--cpu-smoke", "--seeds", "a,b"])
+    with pytest.raises(SystemExit, match="has only .* problems"):  # 2x1:+ holds 100 problems; the smoke asks 2048
+        gpu_study.main(["--cpu-smoke", "--difficulty", "2x1:+"])
+
+
+@pytest.mark.parametrize("option,value", [("--rl-steps", "0"), ("--num-generations", "1"), ("--lr", "-1e-4"),
+                                          ("--eval-samples", "-1"), ("--temperature", "nan")])
+def test_out_of_range_numbers_are_refused_by_the_parser(gpu_study, option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_study.build_parser().parse_args([f"{option}={value}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and ("must be" in err)
 
 
 def test_method_overrides_are_parsed_with_their_types(gpu_study):

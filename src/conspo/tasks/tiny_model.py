@@ -402,9 +402,11 @@ def load_tiny(path: str | os.PathLike):
 def greedy_completions(
     model, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str], *, max_new_tokens: int = 8, batch_size: int = 512
 ) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batches), decoded without special tokens."""
+    """Greedy completions of ``prompts`` (left-padded batches on the model's device), decoded without special
+    tokens."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(
@@ -413,7 +415,7 @@ def greedy_completions(
             padding=True,
             padding_side="left",
             return_tensors="pt",
-        )
+        ).to(device)
         gen = model.generate(
             **enc,
             do_sample=False,
