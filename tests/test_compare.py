@@ -44,15 +44,19 @@ def test_compare_writes_table_and_figures_and_reuses_runs(tmp_path, capsys):
             run = out / method / f"seed{seed}"
             summary = json.loads((run / "summary.json").read_text())
             assert (summary["method"], summary["seed"], summary["steps"]) == (method, seed, 2)
+            assert summary["heldout_problems"] == 20  # train's own eval_limit reaches train
             assert (run / "eval_summary.json").is_file() and (run / "final" / "config.json").is_file()
 
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["method"] for r in rows] == ["conspo", "grpo"]
-    for row, _res in zip(rows, result["rows"]):
+    assert len(result["rows"]) == 2
+    for row in rows:
         seeds = [json.loads((out / row["method"] / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
         mean_after = sum(s["heldout_after"] for s in seeds) / 2
         assert float(row["after_mean"]) == pytest.approx(mean_after)
-        assert {"avg@1_mean", "pass@2_mean", "maj@2_mean"} <= set(row)
+        evals = [json.loads((out / row["method"] / f"seed{s}" / "eval_summary.json").read_text()) for s in (0, 1)]
+        for name in ("avg@1", "pass@2", "maj@2"):
+            assert float(row[f"{name}_mean"]) == pytest.approx(sum(e["overall"][name] for e in evals) / 2)
     table = (out / "results.md").read_text()
     assert table.startswith("| method | seeds | steps | held-out before | held-out after | gain (points) | avg@1 |")
 
@@ -66,3 +70,9 @@ def test_compare_writes_table_and_figures_and_reuses_runs(tmp_path, capsys):
     assert log.count("reusing") == 3
     assert "conspo seed 1 ->" in log
     assert finished.stat().st_mtime_ns == stamp
+
+    # Other sampling settings: the cached evaluations are not reused, every run is evaluated again.
+    capsys.readouterr()
+    compare(["conspo", "grpo"], 2, out, eval_samples=1, ks=[1], **options)
+    assert capsys.readouterr().out.count("other sampling settings") == 4
+    assert json.loads((out / "conspo" / "seed0" / "eval_summary.json").read_text())["ks"] == [1]

@@ -51,10 +51,16 @@ EVAL_SUMMARY = "eval_summary.json"
 
 def sampled_eval(run_dir: Path, summary: dict, train_options: dict, *, samples: int, ks: list[int],
                  limit: int | None, temperature: float) -> dict:
-    """avg@k / pass@k / maj@k of a run's final checkpoint on its held-out problems (cached in the run)."""
+    """avg@k / pass@k / maj@k of a run's final checkpoint on its held-out problems (cached in the run; a cache
+    made with other sampling settings is evaluated again, never mixed into the table)."""
     cached = run_dir / EVAL_SUMMARY
     if cached.is_file():
-        return json.loads(cached.read_text())
+        result = json.loads(cached.read_text())
+        made = result.get("settings", {})
+        if (result.get("ks") == ks and made.get("samples") == samples and made.get("limit") == limit
+                and made.get("temperature") == temperature):
+            return result
+        print(f"[conspo compare] {cached} was made with other sampling settings; evaluating again")
     from conspo.evaluation import evaluate, load_model
     from conspo.run import resolve_task
 
@@ -70,10 +76,11 @@ def sampled_eval(run_dir: Path, summary: dict, train_options: dict, *, samples: 
 
 
 def compare(methods: list[str], seeds: int, output_dir: str | Path, *, eval_samples: int = 0,
-            ks: list[int] | None = None, eval_limit: int | None = 200, eval_temperature: float = 1.0,
+            ks: list[int] | None = None, sample_limit: int | None = 200, eval_temperature: float = 1.0,
             **train_options: Any) -> dict[str, Any]:
     """Train every method with every seed (reusing finished runs), evaluate each final checkpoint with the
-    same sampling settings (``eval_samples`` > 0), then write the table and figures."""
+    same sampling settings (``eval_samples`` > 0, on the first ``sample_limit`` held-out problems), then write the
+    table and figures. ``train_options`` go to :func:`conspo.run.train` (its ``eval_limit`` included)."""
     if seeds < 1:
         raise RunError(f"--seeds must be >= 1, got {seeds}")
     ks = sorted(set(ks or [1]))
@@ -94,7 +101,7 @@ def compare(methods: list[str], seeds: int, output_dir: str | Path, *, eval_samp
             summary = json.loads(done.read_text())
             if eval_samples:
                 summary["sampled"] = sampled_eval(run_dir, summary, train_options, samples=eval_samples, ks=ks,
-                                                  limit=eval_limit, temperature=eval_temperature)
+                                                  limit=sample_limit, temperature=eval_temperature)
             summaries[method].append(summary)
     return write_report(root, summaries)
 
@@ -194,24 +201,31 @@ def credit_figure(root: Path, summaries: dict[str, list[dict]]) -> Path | None:
 
 
 def compare_command(ns) -> int:
+    from conspo.checkpoints import SaveError
+    from conspo.evaluation import EvalError
+    from conspo.tasks.datasets import DatasetError
+
     try:
         methods = parse_methods(ns.methods)
-        from conspo.evaluation import EvalError, parse_ks
+        from conspo.evaluation import parse_ks
 
         if ns.eval_samples < 0:
             raise RunError(f"--eval-samples must be >= 0 (0: greedy held-out accuracy only), got {ns.eval_samples}")
         try:
             ks = parse_ks(ns.k, max(1, ns.eval_samples)) if ns.eval_samples else [1]
-        except EvalError as err:
-            raise RunError(str(err)) from err
+        except EvalError as err:  # parse_ks speaks of conspo eval's --samples; here it is --eval-samples
+            raise RunError(str(err).replace("--samples", "--eval-samples")) from err
         compare(methods, ns.seeds, ns.output_dir or "runs/compare", eval_samples=ns.eval_samples,
                 ks=ks, task=ns.task, dataset=ns.dataset,
                 question_field=ns.question_field, answer_field=ns.answer_field, template=ns.template,
                 model=ns.model, config=ns.config, max_steps=ns.max_steps, report_to=ns.report_to, lora=ns.lora,
                 lora_r=ns.lora_r)
-    except RunError as err:
+    except (RunError, DatasetError, EvalError) as err:
         print(f"conspo compare: error: {err}")
         return 2
+    except SaveError as err:
+        print(f"conspo compare: error: {err}")
+        return 1
     return 0
 
 

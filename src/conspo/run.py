@@ -377,12 +377,14 @@ def train(
 def train_command(ns) -> int:
     """``conspo train``: the argparse namespace of ``conspo.cli``."""
     logging.basicConfig(level=os.environ.get("CONSPO_LOG_LEVEL", "WARNING"))
+    from conspo.tasks.datasets import DatasetError
+
     try:
         train(method=ns.method, task=ns.task, dataset=ns.dataset, question_field=ns.question_field,
               answer_field=ns.answer_field, template=ns.template, model=ns.model, config=ns.config,
               output_dir=ns.output_dir, seed=ns.seed, max_steps=ns.max_steps, resume=ns.resume,
               overwrite=ns.overwrite, report_to=ns.report_to, lora=ns.lora, lora_r=ns.lora_r)
-    except RunError as err:
+    except (RunError, DatasetError) as err:
         print(f"conspo train: error: {err}")
         return 2
     except SaveError as err:
