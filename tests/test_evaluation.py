@@ -324,6 +324,29 @@ def test_same_seed_same_samples(tiny_dir):
     assert greedy[0]["completion"] == greedy[1]["completion"]
 
 
+
+def test_the_checkpoints_generation_config_does_not_reach_sampling(tiny_dir):
+    from conspo.evaluation import evaluate, load_model, load_task
+
+    model, tok = load_model(str(tiny_dir))
+    task = load_task(dataset=str(write_dataset(tiny_dir.parent / "genconf.jsonl")))
+    run = lambda: [r["completion"] for r in evaluate(model, tok, task, samples=3, ks=[1], max_new_tokens=6,  # noqa: E731
+                                                     seed=0, batch_size=4, progress=False)[0]]
+    plain = run()
+    own = model.generation_config
+    own.repetition_penalty, own.no_repeat_ngram_size, own.min_p = 5.0, 1, 0.9  # each would change the samples
+    assert run() == plain
+    assert model.generation_config is own and own.repetition_penalty == 5.0  # restored afterwards
+    own.repetition_penalty, own.no_repeat_ngram_size, own.min_p = 1.0, 0, None
+
+
+def test_dataset_fields_with_a_built_in_task_are_refused():
+    from conspo.evaluation import EvalError, load_task
+
+    with pytest.raises(EvalError, match="apply only to --dataset or a --task file"):
+        load_task("arithmetic", question_field="problem")
+
+
 # ----------------------------------------------------------------------------------------------- the CLI
 
 

@@ -61,6 +61,8 @@ def starts_odd(prompts, completions, **kwargs):
         (dict(per_device_train_batch_size=6, gradient_accumulation_steps=1), "divisible by num_generations"),
         (dict(gradient_accumulation_steps=2, steps_per_generation=3), "multiple of gradient_accumulation_steps"),
         (dict(group_batching="sometimes"), "group_batching='sometimes' is not supported"),
+        (dict(dump_batch_step=0), "dump_batch_step must be None or an optimizer step >= 1"),
+        (dict(dump_batch_step=1.5), "dump_batch_step must be None or an optimizer step >= 1"),
     ],
 )
 def test_bad_config_fails_at_construction(tmp_path, overrides, needle):

@@ -80,6 +80,9 @@ def load_task(task: str | None = None, dataset: str | None = None, *, question_f
                     instruction=MATH_INSTRUCTION, max_completion_length=512, metadata={"path": str(dataset)})
     spec = task or DEFAULT_TASK
     is_file = Path(spec).suffix.lower() in (".jsonl", ".json", ".parquet")
+    if not is_file and (question_field is not None or answer_field is not None):
+        raise EvalError("--question-field/--answer-field apply only to --dataset or a --task file "
+                        f"(.jsonl/.json/.parquet), not to task {spec!r}")
     loaded = get_task(spec, **({k: v for k, v in fields.items() if v is not None} if is_file else {}))
     if subset_field is not None and not is_file:
         if not any(subset_field in p for p in loaded.test):
@@ -221,16 +224,23 @@ def _sample_transformers(model, tokenizer, prompts, samples, *, temperature, max
     pairs = [(i, j) for i in range(len(prompts)) for j in range(samples)]
     out: list[list[list[int]]] = [[] for _ in prompts]
     device = next(model.parameters()).device
-    with torch.no_grad(), tqdm(total=len(pairs), desc="conspo eval", unit="sample", disable=not progress) as bar:
-        for b, start in enumerate(range(0, len(pairs), batch_size)):
-            chunk = pairs[start:start + batch_size]
-            enc = tokenizer([prompts[i] for i, _ in chunk], add_special_tokens=False, padding=True,
-                            padding_side="left", return_tensors="pt").to(device)
-            torch.manual_seed(batch_seed(seed, b))
-            generated = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
-            for (i, _), row in zip(chunk, generated.tolist()):
-                out[i].append(row)
-            bar.update(len(chunk))
+    # generate() fills every field left unset in ``config`` from the model's own generation config (a checkpoint's
+    # repetition_penalty, min_p, ...): a blank one stands in while sampling, so only ``config`` applies.
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        with torch.no_grad(), tqdm(total=len(pairs), desc="conspo eval", unit="sample", disable=not progress) as bar:
+            for b, start in enumerate(range(0, len(pairs), batch_size)):
+                chunk = pairs[start:start + batch_size]
+                enc = tokenizer([prompts[i] for i, _ in chunk], add_special_tokens=False, padding=True,
+                                padding_side="left", return_tensors="pt").to(device)
+                torch.manual_seed(batch_seed(seed, b))
+                generated = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
+                for (i, _), row in zip(chunk, generated.tolist()):
+                    out[i].append(row)
+                bar.update(len(chunk))
+    finally:
+        model.generation_config = own
     return out
 
 

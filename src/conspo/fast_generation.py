@@ -201,6 +201,11 @@ class FastGeneration:
         finally:
             self._bypass = saved
 
+    def invalidate(self) -> None:
+        """Forget which step the copy holds: the next generation copies the policy's weights again. Needed when
+        training starts (``train()`` resets ``global_step`` to 0, or a checkpoint's weights are loaded)."""
+        self._synced_step = None
+
     def sync(self, policy: torch.nn.Module, step: int) -> bool:
         """Copy the policy's weights into the bf16 generator, in place, if the optimizer step moved."""
         if self.generator is None or step == self._synced_step:

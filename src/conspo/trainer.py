@@ -159,6 +159,9 @@ class ConSPOConfig(GRPOConfig):
         _positive("tau", self.tau)
         _positive("trust_region_delta", self.trust_region_delta)
         _positive("trust_region_beta", self.trust_region_beta)
+        step = self.dump_batch_step
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
+            raise ValueError(f"dump_batch_step must be None or an optimizer step >= 1 (1-based), got {step!r}")
         if not math.isfinite(self.correct_threshold):
             raise ValueError(f"correct_threshold must be finite, got {self.correct_threshold!r}")
         # margin_at validates the schedule parameters; call it once so errors come at construction.
@@ -248,6 +251,12 @@ class ConSPOTrainer(GRPOTrainer):
         self._rewards_per_func: torch.Tensor | None = None
         self._completion_ids_list: list | None = None
         self._step_rows: list[dict[str, torch.Tensor]] = []
+
+    def train(self, *args: Any, **kwargs: Any):
+        # A new run (or a resumed one) restarts global_step and may load other weights: the bf16 generator must
+        # not go on generating from the weights of the step number it last saw.
+        self.fast_generation.invalidate()
+        return super().train(*args, **kwargs)
 
     # ---------------------------------------------------------------- generation: carry correctness and groups
 
