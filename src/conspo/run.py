@@ -348,7 +348,8 @@ def train(
         trained.save_pretrained(final_dir)
         tokenizer.save_pretrained(final_dir)
     except Exception as err:
-        last = last_complete_checkpoint(output_dir, remove_incomplete=False)
+        last = last_complete_checkpoint(output_dir, expect_optimizer=not args.save_only_model,
+                                        remove_incomplete=False)
         raise save_error(err, final_dir, intact=last, removed=False) from err
 
     from conspo.plots import plot_learning_curves, read_metrics
