@@ -288,6 +288,22 @@ def test_disk_full_while_saving_the_final_model(tiny_dir, tmp_path, monkeypatch)
     assert_consistent(records(run / "metrics.jsonl"))
 
 
+def test_disk_full_at_the_final_save_with_model_only_checkpoints(tiny_dir, tmp_path, monkeypatch):
+    """save_only_model checkpoints hold no optimizer state; the error must still name the last one as intact."""
+    from transformers import PreTrainedModel
+
+    real_save = PreTrainedModel.save_pretrained
+
+    def full_disk(self, save_directory, *args, **kwargs):
+        if Path(save_directory).name == "final":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, save_directory, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    with pytest.raises(SaveError, match=r"final failed: OSError.*checkpoint-2 is intact"):
+        run_job(tiny_dir, tmp_path / "run", max_steps=2, save_only_model=True)
+
+
 # ----------------------------------------------------------------------------------------------- compare
 
 
