@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import random
 from collections import Counter
 from fractions import Fraction
@@ -56,9 +55,10 @@ def test_pass_at_k_exact_for_large_n():
     assert pass_at_k(10_000, 1, 5_000) == 0.5  # one correct sample: k / n
     assert pass_at_k(100_000, 1, 3) == 3 / 100_000
     assert pass_at_k(4_000, 0, 2_000) == 0.0 and pass_at_k(4_000, 4_000, 1) == 1.0
-    # C(3000, 1500) overflows a float: a quotient of floats would fail here
-    assert pass_at_k(3_000, 1_501, 1_500) == 1.0
-    assert pass_at_k(3_000, 2, 1_500) == float(1 - Fraction(math.comb(2_998, 1_500), math.comb(3_000, 1_500)))
+    assert pass_at_k(3_000, 1_501, 1_500) == 1.0  # fewer wrong samples than k: some correct one is always drawn
+    # C(3000, 1500) overflows a float, so a quotient of floats fails here; by hand, with 2 correct of 3000 and
+    # k = 1500: P(no correct drawn) = (1500/3000) * (1499/2999), so pass@k = 1 - 1500*1499 / (3000*2999).
+    assert pass_at_k(3_000, 2, 1_500) == pytest.approx(1 - 1500 * 1499 / (3000 * 2999), rel=1e-15)
     values = [pass_at_k(64, 5, k) for k in range(1, 65)]
     assert values == sorted(values) and values[0] == 5 / 64
 
