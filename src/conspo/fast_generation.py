@@ -12,7 +12,8 @@ Which weights generate:
 * an fp32 policy trained under bf16 mixed precision generates from a bf16 copy, refreshed in place (same
   storage, so the compiled graph stays valid) whenever ``state.global_step`` moved, as TRL refreshes vLLM.
   The policy is not cast: AdamW updates at RL learning rates (~1e-6) are below bf16's resolution for most
-  weights and would round away. The copy costs 2 bytes per parameter.
+  weights and would round away. The copy keeps 2 bytes per parameter; while it is made (a deep copy, then a
+  cast) it briefly holds an fp32 duplicate, 4 bytes per parameter. It is also refreshed when ``train()`` starts.
 
 When it applies (``decide``): ``fast_generation='auto'`` falls back to TRL's default path, with the reason logged,
 on CPU, when fp32 is requested (``bf16=False`` and fp32 weights), and wherever the path is unsupported (vLLM or
