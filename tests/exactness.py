@@ -73,9 +73,17 @@ def reference_logps(model, batch: dict[str, torch.Tensor], temperature: float) -
     return torch.log_softmax(logits, dim=-1).gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
 
 
+def generation_step(config: ConSPOConfig, step: int) -> int:
+    """The optimizer step at which the generation batch feeding optimizer step ``step`` was generated: one
+    generation batch feeds steps_per_generation / gradient_accumulation_steps * num_iterations optimizer steps."""
+    per_generation = config.steps_per_generation // config.gradient_accumulation_steps * config.num_iterations
+    return step - step % per_generation
+
+
 def reference_gradient(model_dir: Path, params: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
                        config: ConSPOConfig, step: int, max_steps: int) -> dict[str, torch.Tensor]:
-    """Gradient of the full-batch objective over ``batches`` (all micro-batches of all processes)."""
+    """Gradient of the full-batch objective over ``batches`` (all micro-batches of all processes) at optimizer
+    step ``step``; the margin is the one of the step at which its generation batch was generated."""
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.load_state_dict({**model.state_dict(), **copy.deepcopy(params)})
     model.train()
@@ -88,7 +96,7 @@ def reference_gradient(model_dir: Path, params: dict[str, torch.Tensor], batches
         gids.append(batch["conspo_group_ids"])
     scores, correct, gids = torch.cat(scores), torch.cat(correct), torch.cat(gids)
     if config.objective == "conspo":
-        loss = obj.conspo_loss(scores, correct, gids, tau=config.tau, margin=config.margin(step, max_steps),
+        loss = obj.conspo_loss(scores, correct, gids, tau=config.tau, margin=config.margin(generation_step(config, step), max_steps),
                                neg_reduce=config.neg_reduce, group_norm=config.group_norm).loss
     else:
         loss = obj.disco_loss(scores, correct, gids, tau=config.tau, variant=config.disco_variant,

@@ -29,6 +29,7 @@ diagnostics (score gap, separation AUC) so every method can be plotted alike.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 from trl import GRPOConfig, GRPOTrainer
 
 from conspo import fast_generation as fastgen
@@ -45,11 +48,37 @@ from conspo import objectives as obj
 
 logger = logging.getLogger("conspo.trainer")
 
-OBJECTIVES = ("conspo", "disco", "trl")
+OBJECTIVES = ("conspo", "disco", "gmpo", "trl")
+GROUP_COUPLED = ("conspo", "disco")  # objectives whose loss couples the rollouts of a group
 TRUNCATED_POLICIES = ("negative", "drop")
 GROUP_BATCHING = ("auto", "whole_groups", "credit")
 SUPPORTED_TRL = ((1, 16), (1, 17))  # [low, high)
 NO_SIGNAL_WARN_STEPS = 10  # warn after this many consecutive optimizer steps without a mixed group
+
+# GRPOConfig fields that only TRL's own loss reads. Under objective conspo/disco/gmpo they would change nothing, so a
+# value other than TRL's default is refused (spec section 9: never train silently on another objective than asked).
+# Checked against TRL 1.16's GRPOConfig and GRPOTrainer._compute_loss.
+TRL_LOSS_FIELDS = (
+    "loss_type", "epsilon", "epsilon_high", "delta", "importance_sampling_level",
+    "sapo_temperature_pos", "sapo_temperature_neg",
+    "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
+    "top_entropy_quantile", "off_policy_mask_threshold", "use_bias_correction_kl",
+    "entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
+    "entropy_target",
+)
+# Fields that shape TRL's advantages: read by TRL's losses and GMPO, not by ConSPO or DisCO (they use correctness).
+ADVANTAGE_FIELDS = ("scale_rewards", "multi_objective_aggregation")
+# conspo's own fields and the objectives under which each has an effect.
+OWN_FIELD_OBJECTIVES = {
+    "tau": ("conspo", "disco"), "tau_auto_factor": ("conspo",), "score": ("conspo",),
+    "margin_schedule": ("conspo",), "margin_start": ("conspo",), "margin_max": ("conspo",),
+    "margin_ramp_frac": ("conspo",), "margin_step_at": ("conspo",), "neg_reduce": ("conspo",),
+    "group_norm": ("conspo", "disco"), "disco_variant": ("disco",), "trust_region": ("conspo", "disco"),
+    "trust_region_delta": ("conspo", "disco"), "trust_region_beta": ("conspo", "disco"),
+    "correct_threshold": ("conspo", "disco"), "correctness_reward": ("conspo", "disco"),
+    "truncated": ("conspo", "disco"), "group_batching": ("conspo", "disco", "gmpo"),
+    "gmpo_epsilon_low": ("gmpo",), "gmpo_epsilon_high": ("gmpo",),
+}
 
 # TRL methods this trainer overrides or calls, with the parameters it relies on. A change here fails loudly.
 TRL_INTERNALS = {
@@ -64,27 +93,44 @@ TRL_INTERNALS = {
 
 @dataclass
 class ConSPOConfig(GRPOConfig):
-    """TRL's ``GRPOConfig`` plus the ConSPO and DisCO options of ``shared/spec/objectives.md``.
+    """TRL's ``GRPOConfig`` plus the ConSPO, DisCO and GMPO options (docs/objectives.md).
 
     Every GRPOConfig field keeps its meaning. ``beta`` (KL to a frozen reference model) and vLLM's
-    importance-sampling correction apply to ConSPO and DisCO as they do to GRPO.
+    importance-sampling correction apply to ConSPO and DisCO as they do to GRPO. Defaults follow the ConSPO paper
+    (arXiv 2605.12969v3, section 5.1): tau 10, a cosine margin from 0 to 0.01 over the first 30% of training, no
+    trust region. A field that has no effect under the chosen ``objective`` is refused when set to a non-default
+    value.
     """
 
     objective: str = field(
         default="conspo",
-        metadata={"help": "'conspo', 'disco', or 'trl' (TRL's own loss_type: the GRPO-family baselines)."},
+        metadata={"help": "'conspo', 'disco', 'gmpo', or 'trl' (TRL's own loss_type: the GRPO-family baselines)."},
     )
-    tau: float | None = field(
+    tau: float | str | None = field(
         default=None,
-        metadata={"help": "Temperature of the contrast. Default: 0.1 for conspo, 10.0 for disco (its paper's value)."},
+        metadata={"help": "Temperature of the contrast, in [1e-3, 1e3]. Default 10 (the ConSPO paper's; DisCO's paper "
+                  "uses 10 too). 'auto' (conspo only, this project's calibration): the median within-group score sd "
+                  "of the first optimizer step with a mixed group, times tau_auto_factor, then fixed for the run."},
+    )
+    tau_auto_factor: float = field(
+        default=1.0, metadata={"help": "With tau='auto': the factor applied to the measured score spread (> 0)."}
+    )
+    score: str = field(
+        default="logprob",
+        metadata={"help": "ConSPO's rollout score: 'logprob' (length-normalised log-probability, the paper's) or "
+                  "'clipped_ratio' (the clipped importance ratios of the paper's Eq. 6, its Table 6 ablation; "
+                  "clipped at 1 - epsilon and 1 + epsilon_high, TRL's fields)."},
     )
     margin_schedule: str = field(
-        default="linear", metadata={"help": "ConSPO margin curriculum: constant, linear, cosine or step."}
+        default="cosine", metadata={"help": "ConSPO margin curriculum: cosine (the paper's), constant, linear or step."}
     )
     margin_start: float = field(default=0.0, metadata={"help": "Margin m0 at step 0 (>= 0)."})
-    margin_max: float = field(default=0.1, metadata={"help": "Margin m_max reached at the end of the ramp (>= 0)."})
+    margin_max: float = field(
+        default=0.01, metadata={"help": "Margin M reached at the end of the ramp (>= 0; the paper's 0.01; 0: no margin)."}
+    )
     margin_ramp_frac: float = field(
-        default=1.0, metadata={"help": "Fraction of the planned optimizer steps over which the margin ramps, (0, 1]."}
+        default=0.3, metadata={"help": "Fraction of the planned optimizer steps over which the margin ramps, (0, 1] "
+                               "(the paper's alpha = 0.3)."}
     )
     margin_step_at: int | None = field(
         default=None, metadata={"help": "For margin_schedule='step': the optimizer step where m jumps to m_max."}
@@ -94,10 +140,11 @@ class ConSPOConfig(GRPOConfig):
         default="valid", metadata={"help": "Average over 'valid' (mixed) groups or over 'all' groups of the batch."}
     )
     disco_variant: str = field(default="dro", metadata={"help": "DisCO objective: 'dro' or 'basic'."})
-    trust_region: bool = field(
-        default=True,
-        metadata={"help": "DisCO's squared-hinge KL(pi_old || pi) penalty; active only when parameters drift "
-                  "from pi_old within a generation batch (num_iterations > 1 or several optimizer steps)."},
+    trust_region: bool | None = field(
+        default=None,
+        metadata={"help": "DisCO's squared-hinge KL(pi_old || pi) penalty; active only when parameters drift from "
+                  "pi_old within a generation batch. Default: on for disco (its paper), off for conspo (the ConSPO "
+                  "paper mentions none)."},
     )
     trust_region_delta: float = field(default=1e-4, metadata={"help": "KL budget delta of the trust region (> 0)."})
     trust_region_beta: float = field(default=1e3, metadata={"help": "Penalty coefficient of the trust region (> 0)."})
@@ -112,6 +159,12 @@ class ConSPOConfig(GRPOConfig):
     truncated: str = field(
         default="negative",
         metadata={"help": "Truncated completions (no EOS): 'negative' (count as incorrect) or 'drop' (from P and N)."},
+    )
+    gmpo_epsilon_low: float = field(
+        default=0.4, metadata={"help": "GMPO: lower clip of the token log-ratio, in log space (> 0)."}
+    )
+    gmpo_epsilon_high: float = field(
+        default=0.4, metadata={"help": "GMPO: upper clip of the token log-ratio, in log space (> 0)."}
     )
 
     dump_batch_step: int | None = field(
@@ -140,6 +193,7 @@ class ConSPOConfig(GRPOConfig):
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["fast_generation_compile"]
 
     def __post_init__(self) -> None:
+        _check_trl_numbers(self)  # before TRL's own checks, which fail on some of these with less clear errors
         super().__post_init__()
         _choice("objective", self.objective, OBJECTIVES)
         _choice("group_batching", self.group_batching, GROUP_BATCHING)
@@ -148,17 +202,37 @@ class ConSPOConfig(GRPOConfig):
         _choice("group_norm", self.group_norm, obj.GROUP_NORMS)
         _choice("disco_variant", self.disco_variant, obj.DISCO_VARIANTS)
         _choice("truncated", self.truncated, TRUNCATED_POLICIES)
+        _choice("score", self.score, obj.SCORES)
         _choice("fast_generation", self.fast_generation, fastgen.MODES)
         compile_options = self.fast_generation_compile
         if compile_options is not None and (not isinstance(compile_options, dict)
                                             or not set(compile_options) <= set(fastgen.COMPILE_KEYS)):
             raise ValueError(f"fast_generation_compile must be a dict with keys among {', '.join(fastgen.COMPILE_KEYS)}; "
                              f"got {compile_options!r}")
+        _refuse_without_effect(self)
+        if self.tau is None and self.objective in GROUP_COUPLED:
+            self.tau = 10.0
         if self.tau is None:
-            self.tau = 10.0 if self.objective == "disco" else 0.1
-        _positive("tau", self.tau)
+            pass  # not read by this objective
+        elif self.tau == "auto":
+            if self.objective != "conspo":
+                raise ValueError(f"tau='auto' calibrates ConSPO's temperature; objective={self.objective!r} takes a "
+                                 f"number (in [{obj.TAU_MIN:g}, {obj.TAU_MAX:g}])")
+        else:
+            self.tau = obj.check_tau(self.tau)
+        _positive("tau_auto_factor", self.tau_auto_factor)
+        if self.trust_region is None and self.objective in GROUP_COUPLED:
+            self.trust_region = self.objective == "disco"
+        if self.trust_region is not None and not isinstance(self.trust_region, bool):
+            raise ValueError(f"trust_region must be true, false or unset (None: on for disco, off otherwise), "
+                             f"got {self.trust_region!r}")
         _positive("trust_region_delta", self.trust_region_delta)
         _positive("trust_region_beta", self.trust_region_beta)
+        _positive("gmpo_epsilon_low", self.gmpo_epsilon_low)
+        _positive("gmpo_epsilon_high", self.gmpo_epsilon_high)
+        if self.score == "clipped_ratio" and not 0 < self.epsilon < 1:
+            raise ValueError(f"score='clipped_ratio' clips negatives' ratios at 1 - epsilon: epsilon must be in (0, 1), "
+                             f"got {self.epsilon!r}")
         step = self.dump_batch_step
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
             raise ValueError(f"dump_batch_step must be None or an optimizer step >= 1 (1-based), got {step!r}")
@@ -184,18 +258,86 @@ class ConSPOConfig(GRPOConfig):
             )
         if self.group_batching == "auto":
             self.group_batching = "whole_groups" if whole else "credit"
-        if self.steps_per_generation % self.gradient_accumulation_steps != 0:
+        accumulation = self.gradient_accumulation_steps
+        if self.steps_per_generation % accumulation != 0:
             raise ValueError(
                 f"objective={self.objective!r} needs each optimizer step to see whole generation batches or a whole "
                 f"fraction of one: steps_per_generation ({self.steps_per_generation}) must be a multiple of "
-                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}); leave steps_per_generation and "
+                f"gradient_accumulation_steps ({accumulation}); leave steps_per_generation and "
                 f"generation_batch_size unset to get TRL's default (equal)."
+            )
+        share = self.per_device_train_batch_size * accumulation
+        if self.steps_per_generation > accumulation and share % g != 0:
+            raise ValueError(
+                f"objective={self.objective!r} with several optimizer steps per generation batch (steps_per_generation "
+                f"{self.steps_per_generation} > gradient_accumulation_steps {accumulation}) gives every optimizer step "
+                f"whole groups, so each process's share of one optimizer step, per_device_train_batch_size x "
+                f"gradient_accumulation_steps = {share}, must be a multiple of num_generations ({g}); or use one "
+                f"optimizer step per generation batch (steps_per_generation = gradient_accumulation_steps)."
             )
 
     def margin(self, step: int, total_steps: int) -> float:
-        """The margin at optimizer step ``step`` of ``total_steps`` (spec section 5)."""
+        """The margin at optimizer step ``step`` of ``total_steps`` (docs/objectives.md, section 5)."""
         return obj.margin_at(step, max(1, total_steps), schedule=self.margin_schedule, m0=self.margin_start,
                              m_max=self.margin_max, ramp_frac=self.margin_ramp_frac, step_at=self.margin_step_at)
+
+
+def _grpo_default(name: str) -> Any:
+    spec = GRPOConfig.__dataclass_fields__[name]
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+
+
+def _refuse_without_effect(config: ConSPOConfig) -> None:
+    """Refuse every field set to a non-default value that the chosen objective never reads."""
+    objective = config.objective
+    idle: list[str] = []
+    if objective != "trl":
+        for name in TRL_LOSS_FIELDS:
+            if name in ("epsilon", "epsilon_high") and objective == "conspo" and config.score == "clipped_ratio":
+                continue  # the clipped-ratio scores are clipped at 1 - epsilon and 1 + epsilon_high
+            if getattr(config, name) != _grpo_default(name):
+                idle.append(f"{name}={getattr(config, name)!r} (read only by TRL's loss, objective='trl')")
+    if objective in GROUP_COUPLED:
+        for name in ADVANTAGE_FIELDS:
+            if getattr(config, name) != _grpo_default(name):
+                idle.append(f"{name}={getattr(config, name)!r} (shapes TRL's advantages; {objective} uses correctness)")
+    own_defaults = {f.name: f.default for f in dataclasses.fields(ConSPOConfig) if f.name in OWN_FIELD_OBJECTIVES}
+    for name, objectives in OWN_FIELD_OBJECTIVES.items():
+        if objective not in objectives and getattr(config, name) != own_defaults[name]:
+            idle.append(f"{name}={getattr(config, name)!r} (read only under objective "
+                        f"{' or '.join(map(repr, objectives))})")
+    if objective == "disco" and config.tau == "auto":
+        idle.append("tau='auto' (a calibration of ConSPO's temperature)")
+    if idle:
+        raise ValueError(f"objective={objective!r} would ignore these settings, so they are refused: "
+                         f"{'; '.join(idle)}. Remove them, or choose the objective that reads them.")
+
+
+def _check_trl_numbers(config: ConSPOConfig) -> None:
+    """The TRL fields the objectives depend on, checked with the field and the accepted range in the message."""
+    def number(name, low=None, high=None, *, low_open=False, integer=False):
+        value = getattr(config, name)
+        kind = int if integer else (int, float)
+        ok = not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value <= high
+        if not ok:
+            where = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}"
+            where += "]" if high is not None else ")"
+            raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'} in {where}, got {value!r}")
+
+    number("learning_rate", 0)
+    number("beta", 0)
+    number("temperature", 0, low_open=True)
+    number("top_p", 0, 1, low_open=True)
+    number("max_completion_length", 1, integer=True)
+    number("num_generations", 2, integer=True)
+    number("num_iterations", 1, integer=True)
+    number("epsilon", 0)
+    if config.epsilon_high is not None:
+        number("epsilon_high", 0)
 
 
 def _choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
@@ -251,6 +393,17 @@ class ConSPOTrainer(GRPOTrainer):
         self._rewards_per_func: torch.Tensor | None = None
         self._completion_ids_list: list | None = None
         self._step_rows: list[dict[str, torch.Tensor]] = []
+        self._generation_step = 0  # the optimizer step at which the buffered generation batch was generated
+        self._auto_tau = _AutoTau()
+        self.add_callback(self._auto_tau)
+        drift = config.steps_per_generation > config.gradient_accumulation_steps or config.num_iterations > 1
+        if config.objective in GROUP_COUPLED and drift and not config.trust_region:
+            logger.warning(
+                "objective=%r without a trust region and %s: the optimizer steps after the first of each generation "
+                "batch train on rollouts of an older policy with no correction (the ConSPO paper mentions no "
+                "constraint). Set trust_region=True for DisCO's KL penalty.", config.objective,
+                "num_iterations > 1" if config.num_iterations > 1 else
+                f"{config.steps_per_generation // config.gradient_accumulation_steps} optimizer steps per generation batch")
 
     def train(self, *args: Any, **kwargs: Any):
         # A new run (or a resumed one) restarts global_step and may load other weights: the bf16 generator must
@@ -305,6 +458,9 @@ class ConSPOTrainer(GRPOTrainer):
         rows = slice(rank * n_local, (rank + 1) * n_local)
         correct = (reward >= args.correct_threshold) & ~unscorable
         keep = ~unscorable[rows]
+        # A row with no token left in its loss mask (TRL's mask_truncated_completions, tool masks) has no score: it
+        # leaves its group for the loss and every diagnostic, for every objective (docs/objectives.md, section 6).
+        keep = keep & (_loss_mask(out).sum(1) > 0)
         if args.truncated == "drop":
             eos_and_pad = {*self.eos_token_ids, self._tokenizer.pad_token_id}
             truncated = torch.tensor(
@@ -324,21 +480,23 @@ class ConSPOTrainer(GRPOTrainer):
         if self.args.objective == "trl" or not self.model.training:
             return super()._prepare_inputs(generation_batch)
         steps = self.args.steps_per_generation
-        if self.args.group_batching == "credit":
-            inputs = super()._prepare_inputs(generation_batch)  # TRL's row shuffle and split
-            k = self._step % steps
-            accumulation = self.args.gradient_accumulation_steps
-            if k % accumulation == 0:  # first micro-batch of an optimizer step: credits at current parameters
-                self._attach_credits(self._buffered_inputs[k : k + accumulation])
-            return inputs
         if self._step % (steps * self.num_iterations) == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score_completions(generation_batch)
-            self._buffered_inputs = self._split_whole_groups(batch)
-        return self._buffered_inputs[self._step % steps]
+            self._buffered_inputs = self._split_generation_batch(batch)
+            self._generation_step = self.state.global_step  # one generation batch, one margin
+        k = self._step % steps
+        accumulation = self.args.gradient_accumulation_steps
+        if k % accumulation == 0:  # first micro-batch of an optimizer step
+            chunks = self._buffered_inputs[k : k + accumulation]
+            if self.args.group_batching == "credit" and self.args.objective in GROUP_COUPLED:
+                self._attach_credits(chunks)  # resolves tau='auto' from the same scores
+            elif self._auto_tau_pending():
+                self._resolve_auto_tau(self._step_scores(chunks))
+        return self._buffered_inputs[k]
 
     @torch.no_grad()
-    def _attach_credits(self, chunks: list[dict[str, Any]]) -> None:
-        """Full-batch credits of one optimizer step, from scores at the current parameters on every process."""
+    def _step_scores(self, chunks: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Scores of every rollout of one optimizer step at the current parameters, gathered over processes."""
         scores = []
         for chunk in chunks:
             input_ids = torch.cat([chunk["prompt_ids"], chunk["completion_ids"]], dim=1)
@@ -347,55 +505,98 @@ class ConSPOTrainer(GRPOTrainer):
                 self.model, input_ids, attention_mask, chunk["completion_ids"].size(1),
                 batch_size=self.args.per_device_train_batch_size,
             )
-            scores.append(obj.sequence_scores(logps, _loss_mask(chunk) * chunk["conspo_keep"].unsqueeze(1)))
+            mask = _loss_mask(chunk) * chunk["conspo_keep"].unsqueeze(1)
+            scores.append(self._scores(logps, chunk.get("old_per_token_logps"), mask, chunk["conspo_correct"]))
         local = {
             "scores": torch.cat(scores),
             "correct": torch.cat([c["conspo_correct"] for c in chunks]),
             "group_ids": torch.cat([c["conspo_group_ids"] for c in chunks]),
             "keep": torch.cat([c["conspo_keep"] for c in chunks]),
         }
-        rows = {k: self.accelerator.gather(v) for k, v in local.items()}
+        return {k: self.accelerator.gather(v) for k, v in local.items()}
+
+    def _resolve_auto_tau(self, rows: dict[str, torch.Tensor]) -> None:
+        """tau='auto': the median within-group score sd of the first optimizer step that holds a mixed group, times
+        tau_auto_factor, clamped to the accepted range; fixed for the rest of the run (and across a resume)."""
+        keep = rows["keep"]
+        metrics = obj.separation_metrics(rows["scores"][keep], rows["correct"][keep], rows["group_ids"][keep])
+        if float(metrics["valid_frac"]) == 0:
+            return  # no mixed group: this step's loss is zero whatever tau is; try again at the next step
+        spread = float(metrics["score_sd"]) * self.args.tau_auto_factor
+        tau = min(max(spread, obj.TAU_MIN), obj.TAU_MAX)
+        self._auto_tau.tau = tau
+        if self.accelerator.is_main_process:
+            logger.warning("tau='auto': tau = %.6g (median within-group score sd %.6g x tau_auto_factor %g%s), fixed "
+                           "for the rest of the run", tau, float(metrics["score_sd"]), self.args.tau_auto_factor,
+                           "" if tau == spread else f", clamped to [{obj.TAU_MIN:g}, {obj.TAU_MAX:g}]")
+
+    def _auto_tau_pending(self) -> bool:
+        """tau='auto' and not chosen yet (a resumed run first takes the value chosen before the interruption)."""
+        if self.args.tau != "auto" or self._auto_tau.tau is not None:
+            return False
+        stored = self.state.stateful_callbacks.get(_AutoTau.__name__)
+        if isinstance(stored, dict) and stored.get("attributes", {}).get("tau") is not None:
+            self._auto_tau.tau = float(stored["attributes"]["tau"])
+        return self._auto_tau.tau is None
+
+    def _tau(self) -> float:
+        if self.args.tau != "auto":
+            return self.args.tau
+        # Before any step with a mixed group the loss is zero for every tau; the placeholder only fills the call.
+        return self._auto_tau.tau if self._auto_tau.tau is not None else 1.0
+
+    def _attach_credits(self, chunks: list[dict[str, Any]]) -> None:
+        """Full-batch credits of one optimizer step, from scores at the current parameters on every process."""
+        rows = self._step_scores(chunks)
+        if self._auto_tau_pending():
+            self._resolve_auto_tau(rows)
         keep = rows["keep"]
         gid = torch.where(keep, rows["group_ids"], -1 - torch.arange(keep.shape[0], device=keep.device))
         full = self._objective(rows["scores"], rows["correct"], gid, normalizer=None)
-        n_local = local["scores"].shape[0]
+        n_local = sum(c["conspo_correct"].shape[0] for c in chunks)
         rank = self.accelerator.process_index
         credit = full.credit[rank * n_local : (rank + 1) * n_local]
-        counts = torch.stack([self._chunk_counts(c)[1:] for c in chunks]).sum(0)
-        counts = self.accelerator.reduce(counts, "sum")
         start = 0
         for chunk in chunks:
             size = chunk["conspo_correct"].shape[0]
             chunk["conspo_credit"] = credit[start : start + size]
             chunk["conspo_loss_value"] = full.loss.detach()
-            chunk["conspo_num_rollouts"], chunk["conspo_num_tokens"] = counts[0], counts[1]
             start += size
 
-    def _split_whole_groups(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
-        """Shuffle groups (not rows), cut into ``steps_per_generation`` micro-batches of whole groups, and
-        attach to each the group, rollout and token counts of its optimizer step over all processes."""
+    def _split_generation_batch(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """Shuffle and cut the local generation batch into ``steps_per_generation`` micro-batches so that every
+        optimizer step holds whole groups (docs/objectives.md, section 9), and attach to each micro-batch the group,
+        rollout and token counts of its optimizer step over all processes.
+
+        Groups (not rows) are shuffled whenever the generation batch feeds several optimizer steps or micro-batches
+        must hold whole groups (``whole_groups``). With one optimizer step per generation batch under ``credit``,
+        rows are shuffled as TRL does (groups may then straddle micro-batches and processes; the credits are exact).
+        """
         if "pixel_values" in batch:
-            raise NotImplementedError("objective='conspo'/'disco' does not support multimodal batches yet")
+            raise NotImplementedError(f"objective={self.args.objective!r} does not support multimodal batches yet")
         args: ConSPOConfig = self.args
         g = self.num_generations
         gid = batch["conspo_group_ids"]
         n = gid.shape[0]
-        if n % g != 0 or not torch.equal(gid.view(-1, g), gid.view(-1, g)[:, :1].expand(-1, g)):
-            raise RuntimeError(
-                f"the local generation batch ({n} rollouts) does not hold whole groups of num_generations={g}; "
-                f"set per_device_train_batch_size to a multiple of num_generations"
-            )
-        order = (torch.randperm(n // g, device=gid.device)[:, None] * g + torch.arange(g, device=gid.device)).flatten()
+        steps, accumulation = args.steps_per_generation, args.gradient_accumulation_steps
+        if args.group_batching == "whole_groups" or steps > accumulation:
+            if n % g != 0 or not torch.equal(gid.view(-1, g), gid.view(-1, g)[:, :1].expand(-1, g)):
+                raise RuntimeError(
+                    f"the local generation batch ({n} rollouts) does not hold whole groups of num_generations={g}; "
+                    f"set per_device_train_batch_size to a multiple of num_generations"
+                )
+            order = (torch.randperm(n // g, device=gid.device)[:, None] * g
+                     + torch.arange(g, device=gid.device)).flatten()
+        else:
+            order = torch.randperm(n)  # TRL's own shuffle, drawn from the same generator
         batch = {k: _take(v, order, n) for k, v in batch.items()}
 
-        steps = args.steps_per_generation
         size = n // steps
         chunks = [{k: _slice(v, i * size, (i + 1) * size, n) for k, v in batch.items()} for i in range(steps)]
 
         # Counts per micro-batch: [groups counted by group_norm, rollouts, loss tokens].
         counts = torch.stack([self._chunk_counts(c) for c in chunks])  # (steps, 3)
         counts = self.accelerator.gather(counts.unsqueeze(0)).view(-1, steps, 3).sum(0)  # over processes
-        accumulation = args.gradient_accumulation_steps
         window = counts.view(steps // accumulation, accumulation, 3).sum(1)  # per optimizer step
         for i, chunk in enumerate(chunks):
             groups, rollouts, tokens = window[i // accumulation]
@@ -421,10 +622,19 @@ class ConSPOTrainer(GRPOTrainer):
     def _objective(self, scores, correct, group_ids, *, normalizer) -> obj.LossOutput:
         args: ConSPOConfig = self.args
         if args.objective == "conspo":
-            return obj.conspo_loss(scores, correct, group_ids, tau=args.tau, margin=self._current_margin(),
+            return obj.conspo_loss(scores, correct, group_ids, tau=self._tau(), margin=self._current_margin(),
                                    neg_reduce=args.neg_reduce, group_norm=args.group_norm, normalizer=normalizer)
-        return obj.disco_loss(scores, correct, group_ids, tau=args.tau, variant=args.disco_variant,
+        return obj.disco_loss(scores, correct, group_ids, tau=self._tau(), variant=args.disco_variant,
                               group_norm=args.group_norm, normalizer=normalizer)
+
+    def _scores(self, logps, old_logps, mask, correct) -> torch.Tensor:
+        """Each rollout's score: the length-normalised log-probability, or (score='clipped_ratio') the clipped
+        ratio scores of the paper's Eq. 6. Without stored old log-probabilities the parameters are pi_old's."""
+        if self.args.score == "logprob" or self.args.objective != "conspo":
+            return obj.sequence_scores(logps, mask)
+        old = logps.detach() if old_logps is None else old_logps
+        high = self.args.epsilon_high if self.args.epsilon_high is not None else self.args.epsilon
+        return obj.clipped_ratio_scores(logps, old, mask, correct, eps_low=self.args.epsilon, eps_high=high)
 
     # ---------------------------------------------------------------- the loss
 
@@ -439,9 +649,11 @@ class ConSPOTrainer(GRPOTrainer):
             if self.model.training:
                 self._record_rows(inputs, self._last_logps.detach())
             return loss
-        return self._contrastive_loss(model, inputs)
+        return self._own_loss(model, inputs)
 
-    def _contrastive_loss(self, model, inputs):
+    def _own_loss(self, model, inputs):
+        """ConSPO, DisCO or GMPO on one micro-batch, scaled so that the micro-batches of an optimizer step add up to
+        the objective on the whole step (any accumulation, any number of processes)."""
         args: ConSPOConfig = self.args
         mode = "train" if self.model.training else "eval"
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -460,13 +672,21 @@ class ConSPOTrainer(GRPOTrainer):
         if "importance_sampling_ratio" in inputs:
             weight = inputs["importance_sampling_ratio"].detach()
             grad_logps = logps + (weight - 1.0) * (logps - logps.detach())
-        scores = obj.sequence_scores(grad_logps, mask)
+        old = inputs.get("old_per_token_logps")
+        training = mode == "train"
+        world = self.accelerator.num_processes if training else 1
+        if args.objective == "gmpo":
+            out = obj.gmpo_loss(grad_logps, logps.detach() if old is None else old, inputs["advantages"], mask,
+                                eps_low=args.gmpo_epsilon_low, eps_high=args.gmpo_epsilon_high,
+                                normalizer=inputs["conspo_num_rollouts"] if training else None)
+            for name, value in out.metrics.items():
+                self._metrics[mode][f"gmpo/{name}"].append(self.accelerator.gather(value.detach()).float().mean().item())
+            return self._reference_kl(out.loss * world, inputs, logps, mask, mode, world, entropies)
+        scores = self._scores(grad_logps, old, mask, inputs["conspo_correct"])
 
         # Dropped rows become singleton groups: degenerate, so they contribute nothing.
         gid = inputs["conspo_group_ids"]
         gid = torch.where(keep, gid, -1 - torch.arange(gid.shape[0], device=gid.device))
-        training = mode == "train"
-        world = self.accelerator.num_processes if training else 1
         if training and "conspo_credit" in inputs:
             # Decoupled credit: the surrogate's gradient is the full-batch loss's; its value is reported.
             surrogate = -(inputs["conspo_credit"] * scores).sum() * world
@@ -476,7 +696,6 @@ class ConSPOTrainer(GRPOTrainer):
             normalizer = inputs["conspo_normalizer"] if training else None
             loss = self._objective(scores, inputs["conspo_correct"], gid, normalizer=normalizer).loss * world
 
-        old = inputs.get("old_per_token_logps")
         if args.trust_region and old is not None:
             region = obj.kl_trust_region(logps, old, mask, delta=args.trust_region_delta,
                                          beta=args.trust_region_beta)
@@ -484,6 +703,12 @@ class ConSPOTrainer(GRPOTrainer):
             loss = loss + region.penalty * share * world
             self._metrics[mode]["conspo/trust_region_kl"].append(self.accelerator.gather(region.kl).mean().item())
 
+        return self._reference_kl(loss, inputs, logps, mask, mode, world, entropies)
+
+    def _reference_kl(self, loss, inputs, logps, mask, mode, world, entropies=None):
+        """TRL's reference-model KL (``beta``), added exactly as TRL adds it for GRPO; then the logged entropy."""
+        training = mode == "train"
+        keep = inputs["conspo_keep"]
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
             per_token_kl = torch.exp(ref - logps) - (ref - logps) - 1
@@ -493,16 +718,19 @@ class ConSPOTrainer(GRPOTrainer):
             kl_stats = self.accelerator.reduce(torch.stack([(per_token_kl * mask).sum(), mask.sum()]), "sum")
             self._metrics[mode]["kl"].append((kl_stats[0] / kl_stats[1].clamp(min=1)).item())
 
-        ent = self.accelerator.reduce(torch.stack([(entropies * mask).sum(), mask.sum()]).detach(), "sum")
-        self._metrics[mode]["entropy"].append((ent[0] / ent[1].clamp(min=1)).item())
+        if entropies is not None:
+            ent = self.accelerator.reduce(torch.stack([(entropies * mask).sum(), mask.sum()]).detach(), "sum")
+            self._metrics[mode]["entropy"].append((ent[0] / ent[1].clamp(min=1)).item())
         if training:
             self._record_rows(inputs, logps.detach())
         return loss
 
     def _current_margin(self) -> float:
+        """The margin of the current generation batch: read at the step it was generated (one batch, one margin)."""
         if self.args.objective != "conspo":
             return 0.0
-        return self.args.margin(self.state.global_step, self.state.max_steps)
+        step = self._generation_step if self.model.training else self.state.global_step
+        return self.args.margin(step, self.state.max_steps)
 
     # ---------------------------------------------------------------- diagnostics, once per optimizer step
 
@@ -530,10 +758,12 @@ class ConSPOTrainer(GRPOTrainer):
             path.write_text(json.dumps({"step": step, "objective": self.args.objective,
                                         "scores": scores.tolist(), "correct": correct.tolist(),
                                         "group_ids": gid.tolist()}))
-        if self.args.objective == "trl":
-            metrics = obj.separation_metrics(scores, correct, gid)
-        else:
+        if self.args.objective in GROUP_COUPLED:
             metrics = self._objective(scores, correct, gid, normalizer=None).metrics
+            if self.args.tau == "auto":
+                metrics["tau"] = torch.tensor(self._tau() if self._auto_tau.tau is not None else float("nan"))
+        else:
+            metrics = obj.separation_metrics(scores, correct, gid)
         for name, value in metrics.items():
             self._metrics["train"][f"conspo/{name}"].append(float(value))
         self._count_steps_without_signal(metrics)
@@ -577,3 +807,14 @@ def _slice(value: Any, start: int, stop: int, n: int) -> Any:
     if isinstance(value, list) and len(value) == n:
         return value[start:stop]
     return value
+
+
+class _AutoTau(TrainerCallback, ExportableState):
+    """Carries the temperature chosen by ``tau='auto'`` in every checkpoint's trainer_state.json, so that a resumed
+    run goes on with the same tau instead of measuring a new one."""
+
+    def __init__(self, tau: float | None = None) -> None:
+        self.tau = tau
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"tau": self.tau}}
