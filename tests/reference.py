@@ -310,3 +310,60 @@ def token_mean_kl(logps: Tensor, old_logps: Tensor, mask: Tensor) -> Tensor:
         if bool(mask[i, t] != 0)
     ]
     return sum(terms) / len(terms) if terms else torch.zeros((), dtype=F64)
+
+
+# ------------------------------------------------------------------------------------------------
+# GMPO (Zhao et al., arXiv 2507.20673) and GRPO's group-normalised advantages
+# ------------------------------------------------------------------------------------------------
+
+
+def gmpo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, eps_low: float = 0.4,
+              eps_high: float = 0.4, normalizer: float | None = None) -> Tensor:
+    """GMPO's loss straight from the formula, one row and one token at a time.
+
+    Per row i with tokens: z_i = mean over its mask tokens of s * min(s * d_t, s * clip(d_t, -eps_low, eps_high)),
+    s = sgn(A_i), d_t = logp_t - old_logp_t; loss = -sum_i A_i * exp(z_i) / N, N = normalizer or the number of
+    rows with a token. Rows without tokens are skipped. Built from float64 torch ops so autograd differentiates it.
+    """
+    total = torch.zeros((), dtype=F64)
+    rows_with_tokens = 0
+    for i in range(logps.shape[0]):
+        a = float(advantages[i])
+        s = 1.0 if a > 0 else (-1.0 if a < 0 else 0.0)
+        terms = []
+        for t in range(logps.shape[1]):
+            if bool(mask[i, t] != 0):
+                d = logps[i, t].to(F64) - float(old_logps[i, t])
+                clipped = torch.clamp(d, -eps_low, eps_high)
+                terms.append(s * min(s * d, s * clipped))
+        if not terms:
+            continue
+        rows_with_tokens += 1
+        z = sum(terms) / len(terms)
+        total = total - a * torch.exp(z)
+    n = normalizer if normalizer is not None else rows_with_tokens
+    return total / max(float(n), 1.0)
+
+
+def group_advantages(rewards: list[float], group_ids: list[int], *, scale: str = "group",
+                     eps: float = 1e-4) -> list[float]:
+    """(r_i - group mean) / (unbiased sd of the group, or of the batch for scale="batch", + eps); sd of one value 0."""
+
+    def unbiased_sd(values: list[float]) -> float:
+        if len(values) < 2:
+            return 0.0
+        mean = sum(values) / len(values)
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+    members: dict[int, list[int]] = {}
+    for row, gid in enumerate(group_ids):
+        members.setdefault(gid, []).append(row)
+    out = [0.0] * len(rewards)
+    batch_sd = unbiased_sd(list(rewards))
+    for rows in members.values():
+        values = [rewards[i] for i in rows]
+        mean = sum(values) / len(values)
+        sd = unbiased_sd(values) if scale == "group" else batch_sd
+        for i in rows:
+            out[i] = rewards[i] - mean if scale == "none" else (rewards[i] - mean) / (sd + eps)
+    return out

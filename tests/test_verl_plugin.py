@@ -479,3 +479,122 @@ def test_example_launch_script_overrides_load_in_verl(method):
     assert not actor.use_dynamic_bsz and not actor.shuffle
     if method == "conspo":
         assert actor.policy_loss.conspo.total_steps == config.trainer.total_training_steps
+
+
+# --------------------------------------------------------------------------------------------------
+# GMPO: verl's own ``geo_mean`` policy loss against ``conspo.objectives.gmpo_loss``.
+# verl's loss is the mean over the rows of the micro-batch it is given (empty rows included, loss_agg_mode
+# and global_batch_info unused), so it is conspo's with normalizer = that row count. Its per-row denominators
+# n_i + 1e-8 are formed in float32 from the bool mask verl passes (verl/workers/utils/losses.py), where they
+# round to n_i exactly for n_i >= 1, so the two agree to float64 rounding.
+# --------------------------------------------------------------------------------------------------
+
+GMPO_RTOL = 1e-12
+
+
+def _gmpo_batch(seed: int, b: int = 12):
+    gen = torch.Generator().manual_seed(seed)
+    old = -torch.rand(b, T, generator=gen, dtype=torch.float64) * 2
+    new = old + 0.5 * torch.randn(b, T, generator=gen, dtype=torch.float64)  # many |log rho| > 0.4
+    adv = torch.randn(b, generator=gen, dtype=torch.float64)
+    adv[3] = 0.0
+    lengths = torch.randint(1, T + 1, (b,), generator=gen)
+    lengths[0] = 0  # a row without tokens: verl counts it in its mean
+    lengths[1:3] = T
+    adv[1], adv[2] = adv[1].abs() + 0.1, -adv[2].abs() - 0.1
+    new[1, 0], new[2, 0] = old[1, 0] + 0.7, old[2, 0] - 0.7  # a capped token (A > 0) and a floored one (A < 0)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    return old, new, adv, mask
+
+
+def _verl_geo_mean(config, old, new, adv, mask, micro_batches):
+    logp = new.clone().requires_grad_(True)
+    loss_fn = get_policy_loss_fn("geo_mean")
+    total = torch.zeros((), dtype=torch.float64)
+    metrics = []
+    for rows in micro_batches:
+        idx = torch.tensor(rows)
+        token_adv = adv[idx][:, None].expand(-1, T)  # verl's advantages are per token: a sequence's value repeated
+        loss, m = loss_fn(
+            old_log_prob=old[idx], log_prob=logp[idx], advantages=token_adv, response_mask=mask[idx],
+            loss_agg_mode="token-mean", config=config, rollout_is_weights=None,
+        )  # fmt: skip
+        total = total + loss
+        metrics.append(m)
+    total.backward()
+    return total.detach(), logp.grad, metrics
+
+
+def _conspo_gmpo(old, new, adv, mask, micro_batches, **kwargs):
+    logp = new.clone().requires_grad_(True)
+    total = torch.zeros((), dtype=torch.float64)
+    outs = []
+    for rows in micro_batches:
+        idx = torch.tensor(rows)
+        out = core.gmpo_loss(logp[idx], old[idx], adv[idx], mask[idx], **kwargs)
+        total = total + out.loss
+        outs.append(out)
+    total.backward()
+    return total.detach(), logp.grad, outs
+
+
+@pytest.mark.parametrize("low,high", [(0.4, 0.4), (0.2, 0.3)])
+def test_gmpo_geo_mean_equals_conspo_gmpo_loss(low, high):
+    """One micro-batch: verl's geo_mean with clip_ratio_low/high = conspo's eps_low/eps_high (both log space)."""
+    old, new, adv, mask = _gmpo_batch(seed=11)
+    b = old.shape[0]
+    config = ActorConfig(strategy="fsdp", rollout_n=G, ppo_micro_batch_size_per_gpu=G, clip_ratio_low=low,
+                         clip_ratio_high=high)  # fmt: skip
+    value, grad, metrics = _verl_geo_mean(config, old, new, adv, mask, [list(range(b))])
+    ref_value, ref_grad, outs = _conspo_gmpo(old, new, adv, mask, [list(range(b))], eps_low=low, eps_high=high,
+                                             normalizer=b)  # fmt: skip
+    torch.testing.assert_close(value, ref_value, rtol=GMPO_RTOL, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=GMPO_RTOL, atol=1e-12)
+    out = outs[0]
+    assert float(out.metrics["clip_frac_low"]) > 0 and float(out.metrics["clip_frac_high"]) > 0
+    assert bool((grad[mask] == 0).any()) and bool((grad[mask] != 0).any())  # clipped and unclipped tokens
+    # conspo's default normaliser counts rows with tokens (b - 1 here), verl's mean counts every row
+    default = core.gmpo_loss(new, old, adv, mask, eps_low=low, eps_high=high).loss
+    assert float(default) == pytest.approx(float(value) * b / (b - 1), rel=GMPO_RTOL)
+    # verl's pg_clipfrac counts A > 0 tokens outside the clip range on either side; conspo's clip_frac_high
+    # only those capped (d > eps_high), the others keep their gradient
+    d, a = (new - old)[mask], adv[:, None].expand(-1, T)[mask]
+    outside = (d > high) | (d < -low)
+    assert metrics[0]["actor/pg_clipfrac"] == pytest.approx(float(((a > 0) & outside).double().mean()))
+    assert float(out.metrics["clip_frac_high"]) == pytest.approx(float(((a > 0) & (d > high)).double().mean()))
+
+
+def test_gmpo_geo_mean_sums_micro_batch_means():
+    """Several micro-batches: verl 0.9.1 backpropagates each micro-batch mean as it is (geo_mean ignores
+    global_batch_info), so a mini-batch of k equal micro-batches gets k times the gradient of the mean over its
+    sequences; conspo's normalizer = the micro-batch's row count reproduces it, the full count gives the mean."""
+    old, new, adv, mask = _gmpo_batch(seed=12)
+    b = old.shape[0]
+    parts = [list(range(i, i + G)) for i in range(0, b, G)]
+    config = ActorConfig(strategy="fsdp", rollout_n=G, ppo_micro_batch_size_per_gpu=G, clip_ratio_low=0.4,
+                         clip_ratio_high=0.4)  # fmt: skip
+    value, grad, _ = _verl_geo_mean(config, old, new, adv, mask, parts)
+    per_part, per_part_grad, _ = _conspo_gmpo(old, new, adv, mask, parts, normalizer=G)
+    torch.testing.assert_close(value, per_part, rtol=GMPO_RTOL, atol=1e-12)
+    torch.testing.assert_close(grad, per_part_grad, rtol=GMPO_RTOL, atol=1e-12)
+    full, full_grad, _ = _conspo_gmpo(old, new, adv, mask, parts, normalizer=b)  # additive: the full-batch mean
+    whole, whole_grad, _ = _conspo_gmpo(old, new, adv, mask, [list(range(b))], normalizer=b)
+    torch.testing.assert_close(full, whole, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(full_grad, whole_grad, rtol=1e-13, atol=1e-15)
+    k = len(parts)
+    torch.testing.assert_close(value, k * full, rtol=GMPO_RTOL, atol=1e-12)
+    torch.testing.assert_close(grad, k * full_grad, rtol=GMPO_RTOL, atol=1e-12)
+
+
+def test_gmpo_geo_mean_default_clip_is_0_2_in_log_space():
+    """verl's ActorConfig defaults (clip_ratio_low = clip_ratio_high = 0.2) give conspo's eps 0.2, not GMPO's 0.4."""
+    old, new, adv, mask = _gmpo_batch(seed=13)
+    b = old.shape[0]
+    config = ActorConfig(strategy="fsdp", rollout_n=G, ppo_micro_batch_size_per_gpu=G)
+    assert (config.clip_ratio_low, config.clip_ratio_high) == (0.2, 0.2)
+    value, grad, _ = _verl_geo_mean(config, old, new, adv, mask, [list(range(b))])
+    at_02, grad_02, _ = _conspo_gmpo(old, new, adv, mask, [list(range(b))], eps_low=0.2, eps_high=0.2, normalizer=b)
+    at_04, grad_04, _ = _conspo_gmpo(old, new, adv, mask, [list(range(b))], normalizer=b)
+    torch.testing.assert_close(value, at_02, rtol=GMPO_RTOL, atol=1e-12)
+    torch.testing.assert_close(grad, grad_02, rtol=GMPO_RTOL, atol=1e-12)
+    assert float((grad - grad_04).abs().max()) > 1e-3
