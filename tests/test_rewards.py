@@ -68,10 +68,23 @@ EXTRACT_CASES = [
     ("####\n12", "12", "hash"),
     ("#### \n", None, "none"),
     ("so 3 - 5 = \u22122", "-2", "last_number"),
-    ("It costs 1\u202f234\u202f567 dollars", "1234567", "last_number"),  # narrow no-break digit groups
-    ("4\u200b2 is it", "42", "last_number"),  # zero-width space dropped
-    ("we get 1,234,567 total", "1234567", "last_number"),
-    ("the list 1,2,3", "3", "last_number"),
+    ("It costs 1\u202f234\u202f567", "1234567", "last_number"),  # narrow no-break digit groups
+    ("it is 4\u200b2", "42", "last_number"),  # zero-width space dropped
+    ("we get 1,234,567", "1234567", "last_number"),
+    # The number fallback reads only a number that ends the text and is no operand (issue 13, item 8):
+    ("the list 1,2,3", None, "none"),  # the last item of a list is not the answer
+    ("It costs 1\u202f234\u202f567 dollars", None, "none"),  # the text goes on after the number
+    ("so the answer is 2^(n-1).", None, "none"),  # not the 1 inside the expression
+    ("so the answer is 2^{n-1}", None, "none"),
+    ("we get x + 1", None, "none"),
+    ("so 2 \\cdot 3", None, "none"),
+    ("hence 3 -5", None, "none"),
+    ("Let me compute 3 + 4 = 7, then multiply by", None, "none"),  # a truncated ramble
+    ("The answer is **12**.", "12", "last_number"),
+    ("The answer is $\\frac{1}{2}$.", None, "none"),
+    ("so it is \\(5\\).", "5", "last_number"),
+    ("It is 50%.", "50", "last_number"),
+    ("3 + 4 = 7", "7", "last_number"),
     ("ratio 2/3", "2/3", "last_number"),
     ("tiny 1e-5", "1e-5", "last_number"),
     ("pi is 3.14.", "3.14", "last_number"),
@@ -118,13 +131,15 @@ ADVERSARIAL = [
     ("}" * MEGABYTE, (None, "none")),
     ("\\boxed{" * 200_000, (None, "unbalanced")),
     ("\\boxed{" + "{" * 4_000 + "}" * 4_000 + "}", ("{" * 4_000 + "}" * 4_000, "boxed")),
-    ("\\frac{" * 1_000 + "1" + "}{2}" * 1_000, ("2", "last_number")),  # deeply nested LaTeX
+    ("\\frac{" * 1_000 + "1" + "}{2}" * 1_000, (None, "none")),  # deeply nested LaTeX: no final number
     ("-" * MEGABYTE, (None, "none")),
     ("1." * MEGABYTE, (None, "none")),
     ("answer:" * 100_000 + " 3", ("3", "answer_label")),
     ("####" * 200_000, (None, "none")),
     ("\\" * MEGABYTE, (None, "none")),
-    ("\u2212" * MEGABYTE + "1", ("-1", "last_number")),
+    ("\u2212" * MEGABYTE + "1", (None, "none")),  # "--1": an operand, not a final number
+    (" " * MEGABYTE + "1" + " " * MEGABYTE, (None, "none")),  # only the last 10k characters (spaces) are read
+    ("1" + ". " * MEGABYTE, (None, "none")),
 ]
 
 

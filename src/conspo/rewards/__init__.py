@@ -16,13 +16,16 @@ from typing import Any
 from conspo.rewards.base import Verifier, VerifyResult
 from conspo.rewards.bounded import call_with_timeout
 from conspo.rewards.extract import extract_answer, extract_gold, normalize_answer
-from conspo.rewards.verifiers import exact_match, math_verify_match, numeric_match, parse_number
+from conspo.rewards.gold import Gold, read_gold, word_key
+from conspo.rewards.verifiers import check_gold, exact_match, math_verify_match, numeric_match, parse_number
 
 logger = logging.getLogger("conspo.rewards")
 
 __all__ = [
+    "Gold",
     "Verifier",
     "VerifyResult",
+    "check_gold",
     "completion_text",
     "exact_match",
     "extract_answer",
@@ -32,6 +35,8 @@ __all__ = [
     "normalize_answer",
     "numeric_match",
     "parse_number",
+    "read_gold",
+    "word_key",
 ]
 
 

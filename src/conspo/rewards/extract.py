@@ -10,8 +10,14 @@
    ends its line). If that is empty, the rule finds nothing.
 3. ``Answer: x`` (case-insensitive, also ``Final answer: x`` and markdown ``**Answer:** x``): the last label;
    ``x`` as for ``####``.
-4. The last number in the text (``-12``, ``1,234``, ``3.5``, ``2/3``, ``1e-5``) (``fallback="number"``),
-   or the last non-empty line (``fallback="line"``), or nothing (``fallback="none"``).
+4. The final number (``fallback="number"``): a number (``-12``, ``1,234``, ``3.5``, ``2/3``, ``1e-5``) that
+   ends the text, followed by nothing but spaces, ``.``, ``!``, ``?``, ``;``, ``:``, ``%``, ``$``, ``**`` or a
+   closing ``\\)`` / ``\\]``, and not an operand: the text before it does not end in an operator, a comma,
+   an opening bracket, a digit or a LaTeX command (``= 7`` and ``is 7`` qualify; ``2^(n-1).``, ``x + 1``,
+   ``1,2,3`` and ``5 apples`` give nothing). Why: an unboxed or truncated completion used to be graded by
+   whatever number came last, so ``so the answer is 2^(n-1).`` read as ``1`` and truncated rambles voted
+   in majority votes with a number from mid-sentence. An unboxed completion earns credit only when it ends
+   with its answer. Or the last non-empty line (``fallback="line"``), or nothing (``fallback="none"``).
 
 Only the last ``MAX_TAIL_CHARS`` characters are examined, so a megabyte completion costs what 10k do; when
 the text is cut, a number split by the cut is dropped rather than read as a smaller number.
@@ -151,6 +157,43 @@ def last_number(text: str) -> str | None:
     return last.group(0) if last else None
 
 
+_TRAILING = ("\\)", "\\]", "\\%", "**", " ", "\t", "\n", "\r", ".", "!", "?", ";", ":", "%", "$")
+_OPENERS = ("\\(", "\\[", "**", "$")
+# A number after one of these is an operand or list item, not the answer: ``x + 1``, ``2^(n-1``, ``1,2,3``, ``1 234``.
+_OPERAND_CHARS = frozenset("+-*/^_([{,<>|&\\~\u00d7\u00b7\u00f7\u2264\u2265\u2260\u2248\u22c5" "0123456789")
+_COMMAND_END_RE = re.compile(r"\\[A-Za-z]+\Z")
+
+
+def final_number(text: str) -> str | None:
+    """The number that ends ``text`` (see rule 4 of the module docstring), or None.
+
+    Linear time: one scan for the last number token, then constant work at its two ends."""
+    end = len(text)
+    while end:
+        token = next((t for t in _TRAILING if text.endswith(t, 0, end)), None)
+        if token is None:
+            break
+        end -= len(token)
+    last = None
+    for last in _NUMBER_RE.finditer(text, 0, end):  # noqa: B007 - we want the final match
+        pass
+    if last is None or last.end() != end:
+        return None
+    start = last.start()
+    for _ in range(3):  # "$5", "**5", "\\(5": an opening delimiter is not an operator
+        while start and text[start - 1].isspace():
+            start -= 1
+        opener = next((o for o in _OPENERS if text.endswith(o, 0, start)), None)
+        if opener is None:
+            break
+        start -= len(opener)
+    while start and text[start - 1].isspace():
+        start -= 1
+    if start and (text[start - 1] in _OPERAND_CHARS or _COMMAND_END_RE.search(text, max(0, start - 40), start)):
+        return None
+    return last.group(0)
+
+
 def extract_answer(
     text: str | None,
     *,
@@ -160,7 +203,8 @@ def extract_answer(
     """Extract the final answer from a completion.
 
     Returns ``(answer, how)``: ``answer`` is normalised (see ``normalize_answer``) or None, and ``how`` is one
-    of ``"boxed"``, ``"hash"``, ``"answer_label"``, ``"last_number"``, ``"last_line"`` when found, else
+    of ``"boxed"``, ``"hash"``, ``"answer_label"``, ``"last_number"`` (the final number, rule 4),
+    ``"last_line"`` when found, else
     ``"unbalanced"`` (the last box is broken), ``"empty_boxed"`` (``\\boxed{}``) or ``"none"``.
     """
     if fallback not in ("number", "line", "none"):
@@ -186,7 +230,7 @@ def extract_answer(
                 return answer, how
 
     if fallback == "number":
-        number = last_number(text)
+        number = final_number(text)
         if number is not None:
             return normalize_answer(number), "last_number"
     elif fallback == "line":

@@ -6,11 +6,14 @@
 - ``exact_match``: final answer equal to the gold after normalisation.
 
 The gold may itself be a worked solution: a MATH solution with ``\\boxed{}`` or a GSM8K answer ending in
-``#### x`` is reduced to its final answer first (``extract_gold``).
+``#### x`` is reduced to its final answer first (``extract_gold``). ``math_verify_match`` then reads the gold
+whole (``conspo.rewards.gold.read_gold``): it never checks a completion against a fragment of a free-form
+gold, and ``check_gold`` says, when a dataset is loaded, which golds it cannot check.
 
 Reasons (``VerifyResult.reason``): ``match``, ``mismatch``, ``no_answer`` (nothing extracted), ``unbalanced``
 and ``empty_boxed`` (the last box is broken or empty), ``not_a_number``, ``too_long``, ``timeout``,
-``invalid_gold`` (the gold answer is empty or, for ``numeric_match``, not a number).
+``invalid_gold`` (the gold answer is empty or, for ``numeric_match``, not a number), ``freeform_gold``
+(``math_verify_match``: the gold cannot be read as one whole expression and the answer is not the whole gold).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from fractions import Fraction
 from conspo.rewards.base import VerifyResult
 from conspo.rewards.bounded import call_with_timeout
 from conspo.rewards.extract import NUMBER_PATTERN, extract_answer, extract_gold, normalize_answer
+from conspo.rewards.gold import free_letters, read_gold, word_key
 
 MAX_DIGITS = 10_000
 """Numbers with more digits (or a larger decimal exponent) than this are refused, not computed."""
@@ -166,6 +170,12 @@ def _prepare_math_verify() -> None:
         if hasattr(module, "TIMEOUT_WARNING_SHOWN"):
             module.TIMEOUT_WARNING_SHOWN = True
     math_verify.parser.parse("$\\frac{1}{2}$", parsing_timeout=None)  # the first parse builds the grammar
+    # The first symbolic comparison of each kind imports parts of sympy (over a second on a loaded machine):
+    # do that here, so that it is not counted against the first completions' time bound as a timeout.
+    for gold, predicted in (("(x+1)^2", "x^2+2x+1"), ("[2, 5)", "x \\in [2, 5)"), ("\\{1, 2\\}", "\\{2, 1\\}")):
+        math_verify.grader.verify(math_verify.parser.parse(f"$\\boxed{{{gold}}}$", parsing_timeout=None),
+                                  math_verify.parser.parse(f"$\\boxed{{{predicted}}}$", parsing_timeout=None),
+                                  timeout_seconds=None)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -177,50 +187,141 @@ def _parse(expression: str) -> tuple:
     return tuple(parse("$\\boxed{" + expression + "}$", parsing_timeout=None))
 
 
-def _math_verify_equal(gold: str, predicted: str) -> str:
-    """math-verify's verdict on two extracted answers: ``match``, ``mismatch``, or ``unparsed``.
+_BINDING_RE = re.compile(r"\\(?:sum|prod|int|iint|iiint|oint|lim|to|mapsto|forall|exists|bigcup|bigcap)(?![A-Za-z])")
+_RELATION_RE = re.compile(r"[=<>]|\\(?:le|ge|leq|geq|neq|ne|lt|gt|approx|equiv|sim)(?![A-Za-z])")
+_CONNECTIVE_RE = re.compile(r"\\(?:lor|vee|land|wedge|lnot|neg)(?![A-Za-z])")
 
-    Runs under ``call_with_timeout``; module-level with string arguments so that a worker process can run it.
+
+def _covers(expression: str, parsed: tuple) -> bool:
+    """Whether math-verify's reading of a gold can be the whole gold: a gold with variables (``n``) read as a
+    constant (``1``) is a fragment, such as the ``i=1`` of a sum written without LaTeX. Golds that bind
+    their variables (``\\sum_{i=1}^n``, ``\\lim_{x \\to 0}``, integrals) may rightly read as constants."""
+    if _BINDING_RE.search(expression):
+        return True
+    if not free_letters(expression):
+        return True
+    return any(getattr(candidate, "free_symbols", None) for candidate in parsed if not isinstance(candidate, str))
+
+
+def _covered_golds(golds: list[str]) -> list[str]:
+    """The gold alternatives math-verify reads whole (``_covers``). Runs under ``call_with_timeout``."""
+    return [gold for gold in golds if _INT_RE.fullmatch(gold) or ((parsed := _parse(gold)) and _covers(gold, parsed))]
+
+
+def _math_verify_equal(golds: list[str], predicted: str) -> str:
+    """math-verify's verdict on an extracted answer against whole gold alternatives: ``match``, ``mismatch``,
+    ``unparsed`` (the answer does not parse) or ``freeform_gold`` (no alternative reads whole).
+
+    Runs under ``call_with_timeout``; module-level with JSON arguments so that a worker process can run it.
     """
     from math_verify import verify
 
-    gold_parsed, predicted_parsed = _parse(gold), _parse(predicted)
-    if not gold_parsed or not predicted_parsed:
+    if isinstance(golds, str):
+        golds = [golds]
+    readable = _covered_golds(list(golds))
+    if not readable:
+        return "freeform_gold"
+    predicted_parsed = _parse(predicted)
+    if not predicted_parsed:
         return "unparsed"
-    return "match" if verify(list(gold_parsed), list(predicted_parsed), timeout_seconds=None) else "mismatch"
+    for gold in readable:
+        if verify(list(_parse(gold)), list(predicted_parsed), timeout_seconds=None):
+            return "match"
+    return "mismatch"
+
+
+def _may_read_as_fragment(expression: str) -> bool:
+    """Whether math-verify could read a lexically whole expression as a fragment, which ``check_gold`` then
+    parses to find out: it has variables and a relation (``s_(i=1)^n i^3`` reads as the ``1`` of ``i=1``).
+    A cheap filter, because parsing costs 5-30 ms a gold; ``math_verify_match`` checks every gold anyway."""
+    if _BINDING_RE.search(expression) or not _RELATION_RE.search(expression):
+        return False
+    return bool(free_letters(expression))
+
+
+def check_gold(answer: str, *, timeout_s: float = 2.0) -> str:
+    """Why ``math_verify_match`` cannot check completions against this gold, or ``""`` when it can.
+
+    The gold must have an alternative that reads whole (``conspo.rewards.gold.read_gold``) and, where an
+    expression could be read in part (``_may_read_as_fragment``), that math-verify parses without losing its
+    variables (``_covers``), within ``timeout_s``.
+    The dataset loader calls this on every row, so a free-form gold is reported when the data is loaded,
+    not discovered as a silent zero (or a false positive) during training."""
+    gold = read_gold(answer)
+    if not gold.checkable:
+        return gold.problem or "no whole answer"
+    if gold.words or not all(_may_read_as_fragment(expression) for expression in gold.expressions):
+        return ""
+    if any(len(expression) > MAX_ANSWER_CHARS for expression in gold.expressions):
+        return f"longer than {MAX_ANSWER_CHARS} characters"
+    _prepare_math_verify()
+    try:
+        readable = call_with_timeout(_covered_golds, (list(gold.expressions),), timeout_s,
+                                     preload=("conspo.rewards.verifiers:_prepare_math_verify",))
+    except TimeoutError:
+        return f"math-verify did not read it within {timeout_s} s"
+    return "" if readable else "math-verify reads only a fragment of it"
+
+
+def _plain(text: str) -> str:
+    """A whole answer as compared for a free-form gold: spacing and case ignored, nothing else."""
+    return _collapse(text).casefold()
 
 
 def math_verify_match(completion: str, answer: str, *, timeout_s: float = 2.0) -> VerifyResult:
     """1.0 when the final answer is mathematically equivalent to the gold, per math-verify.
 
-    Steps: extract the final answer (``extract_answer``) and the gold (``extract_gold``); equal strings
-    match at once; two integers are compared exactly without sympy (so huge ones are cheap); answers longer
-    than ``MAX_ANSWER_CHARS`` are refused (``too_long``); otherwise math-verify parses and compares both
-    within ``timeout_s`` seconds in total (``conspo.rewards.bounded``: a timer in the main thread, a worker
-    process in other threads), and an overrun scores 0 with reason ``timeout``. When math-verify cannot
-    parse one side, the normalised strings decide (they differ, so ``mismatch``).
+    Steps: extract the final answer (``extract_answer``; an unboxed answer only when the completion ends
+    with it) and read the gold whole (``read_gold``: its alternatives such as ``"A, or equivalently B"``, a
+    yes/no or word answer, or free-form). Equal strings match at once. A word gold (``No``, ``Monday``) is
+    compared as words, never symbolically (``on`` is not ``No``). A free-form gold, which cannot be read as
+    one whole expression, is matched only by the whole gold (case and spacing aside), else it scores 0 with
+    reason ``freeform_gold``: never on a fragment such as a number inside it. Otherwise, against each whole
+    expression alternative: two integers are compared exactly without sympy (so huge ones are cheap);
+    answers longer than ``MAX_ANSWER_CHARS`` are refused (``too_long``); an answer joined by logical
+    connectives (``1 \\lor 2``), which math-verify reads as one of its parts, is a ``mismatch``; otherwise
+    math-verify parses and compares within ``timeout_s`` seconds in total (``conspo.rewards.bounded``: a
+    timer in the main thread, a worker process in other threads), and an overrun scores 0 with reason
+    ``timeout``. An alternative math-verify reads only in part (its variables lost) is not used.
     """
     extracted, how = extract_answer(completion)
     if extracted is None:
         return VerifyResult(0.0, None, _reason_for_missing(how))
-    gold = _collapse(extract_gold(answer))
-    if not gold:
+    gold = read_gold(answer)
+    if not gold.text:
         return VerifyResult(0.0, extracted, "invalid_gold")
     predicted = _collapse(extracted)
-    if predicted == gold:
+    if predicted == gold.text:
         return VerifyResult(1.0, extracted, "match")
-    if _INT_RE.fullmatch(predicted) and _INT_RE.fullmatch(gold):
-        same = _canonical_int(predicted) == _canonical_int(gold)
-        return VerifyResult(1.0 if same else 0.0, extracted, "match" if same else "mismatch")
-    if len(predicted) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+    if not gold.checkable:
+        same = _plain(predicted) == _plain(gold.text)
+        return VerifyResult(1.0 if same else 0.0, extracted, "match" if same else "freeform_gold")
+    if gold.words and word_key(predicted) in gold.words:
+        return VerifyResult(1.0, extracted, "match")
+    if not gold.expressions:
+        return VerifyResult(0.0, extracted, "mismatch")
+    if predicted in gold.expressions:
+        return VerifyResult(1.0, extracted, "match")
+    others = list(gold.expressions)
+    if _INT_RE.fullmatch(predicted):
+        integers = [expression for expression in others if _INT_RE.fullmatch(expression)]
+        if any(_canonical_int(predicted) == _canonical_int(expression) for expression in integers):
+            return VerifyResult(1.0, extracted, "match")
+        others = [expression for expression in others if expression not in integers]
+        if not others:
+            return VerifyResult(0.0, extracted, "mismatch")
+    if len(predicted) > MAX_ANSWER_CHARS or all(len(expression) > MAX_ANSWER_CHARS for expression in others):
         return VerifyResult(0.0, extracted, "too_long")
+    others = [expression for expression in others if len(expression) <= MAX_ANSWER_CHARS]
+    if _CONNECTIVE_RE.search(predicted) and not any(_CONNECTIVE_RE.search(expression) for expression in others):
+        return VerifyResult(0.0, extracted, "mismatch")
     _prepare_math_verify()
     try:
         verdict = call_with_timeout(
-            _math_verify_equal, (gold, predicted), timeout_s, preload=("conspo.rewards.verifiers:_prepare_math_verify",)
+            _math_verify_equal, (others, predicted), timeout_s, preload=("conspo.rewards.verifiers:_prepare_math_verify",)
         )
     except TimeoutError:
         return VerifyResult(0.0, extracted, "timeout")
     if verdict == "match":
         return VerifyResult(1.0, extracted, "match")
-    return VerifyResult(0.0, extracted, "mismatch")
+    return VerifyResult(0.0, extracted, "freeform_gold" if verdict == "freeform_gold" else "mismatch")

@@ -16,6 +16,15 @@ Bad input raises ``DatasetError`` (a ``ValueError``) naming the file, the proble
 unknown extension, missing or unreadable file, no rows, a missing field. Rows whose question or answer is
 missing or empty are skipped with a logged count (an error if none remain); rows repeating an earlier
 question are dropped with a logged count, so train and test can never share a prompt.
+
+Free-form golds: a gold answer the math verifier cannot read as one whole answer (prose around an
+expression, ``"n^2 if n is even, and n^2 - 1 otherwise"``; see ``conspo.rewards.gold``) is found when the
+file is loaded (``check_gold``) and, by ``freeform_gold``: ``"drop"`` (default) skips those rows with a logged
+count and three examples, ``"refuse"`` raises ``DatasetError`` with the same report, ``"exact"`` keeps them,
+logged, and ``math_verify_match`` scores them only by an exact match of the whole gold. A completion is never
+checked against a fragment of such a gold (a number inside it). Golds with equivalent forms (``"A, or
+equivalently B"``), a stated value (``"The limit exists and is equal to 2"``) or a yes/no with a
+justification are read whole and kept.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from conspo.rewards.extract import extract_answer, extract_gold
-from conspo.rewards.verifiers import math_verify_match
+from conspo.rewards.verifiers import check_gold, math_verify_match
 from conspo.tasks.base import Task
 
 logger = logging.getLogger("conspo.tasks")
@@ -38,6 +47,9 @@ SUBSET_FIELDS = ("subset", "subject", "type", "level", "category")
 EXTENSIONS = (".jsonl", ".json", ".parquet")
 TEMPLATES = ("plain", "chat")
 MATH_INSTRUCTION = "Put your final answer within \\boxed{}."
+FREEFORM_GOLD = ("drop", "refuse", "exact")
+"""What ``load_dataset_file`` does with rows whose gold the math verifier cannot read whole (module docstring)."""
+FREEFORM_EXAMPLES = 3
 
 
 class DatasetError(ValueError):
@@ -129,12 +141,18 @@ def load_dataset_file(
     answer_field: str | None = None,
     subset_field: str | None = None,
     dedupe: bool = True,
+    freeform_gold: str = "drop",
 ) -> list[dict]:
     """Problems ``{"question", "answer"[, "subset"]}`` read from a local file (see the module docstring).
 
     The fields are looked up in the union of all rows' keys; a row without a value is skipped (counted).
     ``dedupe`` drops rows whose question (whitespace-normalised) appeared before, keeping the first.
+    ``freeform_gold`` (``"drop"``, ``"refuse"`` or ``"exact"``) says what happens to rows whose gold the math
+    verifier cannot read as one whole answer (``free_form_rows``); each choice is logged or raised with the
+    count and examples, so it is never silent.
     """
+    if freeform_gold not in FREEFORM_GOLD:
+        raise DatasetError(f"freeform_gold must be one of {', '.join(map(repr, FREEFORM_GOLD))}; got {freeform_gold!r}")
     path = Path(path)
     rows = read_rows(path)
     columns = sorted({key for row in rows for key in row})
@@ -144,9 +162,9 @@ def load_dataset_file(
 
     # A worked solution is only a usable gold if it marks its final answer (\boxed{}, ####, "Answer:").
     needs_marker = answer_key == "solution"
-    problems, seen = [], set()
+    problems, seen, row_numbers = [], set(), []
     skipped = duplicates = 0
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
         question = _text(row.get(question_key))
         raw = _text(row.get(answer_key))
         if needs_marker:
@@ -165,6 +183,7 @@ def load_dataset_file(
         if subset_key is not None and _text(row.get(subset_key)):
             problem["subset"] = _text(row.get(subset_key))
         problems.append(problem)
+        row_numbers.append(number)
     if skipped:
         logger.warning("%s: skipped %d of %d rows with a missing or empty %r or %r%s", path, skipped, len(rows),
                        question_key, answer_key, " (or no marked final answer)" if needs_marker else "")
@@ -172,7 +191,41 @@ def load_dataset_file(
         logger.warning("%s: dropped %d rows repeating an earlier question", path, duplicates)
     if not problems:
         raise DatasetError(f"{path}: no usable rows: all {len(rows)} rows lack a {question_key!r} or {answer_key!r}")
-    return problems
+    return _apply_freeform_policy(path, problems, row_numbers, freeform_gold)
+
+
+def free_form_rows(problems: list[dict]) -> list[tuple[int, str]]:
+    """``(index, why)`` for each problem whose gold ``math_verify_match`` cannot read as one whole answer
+    (``conspo.rewards.verifiers.check_gold``): prose around an expression, several answers joined by *or*,
+    an expression math-verify reads only in part."""
+    return [(index, why) for index, problem in enumerate(problems) if (why := check_gold(problem["answer"]))]
+
+
+def _apply_freeform_policy(path: Path, problems: list[dict], row_numbers: list[int], policy: str) -> list[dict]:
+    """Drop, refuse or keep (``policy``) the free-form rows, saying how many and showing a few."""
+    found = free_form_rows(problems)
+    if not found:
+        return problems
+    examples = "; ".join(f"row {row_numbers[index]}: {problems[index]['answer'][:80]!r} ({why})"
+                         for index, why in found[:FREEFORM_EXAMPLES])
+    report = (f"{path}: {len(found)} of {len(problems)} rows have a gold answer the math verifier cannot read as "
+              f"one whole answer (e.g. {examples})")
+    if policy == "refuse":
+        raise DatasetError(f"{report}. Write each as one expression (\"A, or equivalently B\" is fine), or pass "
+                           "freeform_gold='drop' to skip those rows or 'exact' to keep them scored only by an exact "
+                           "match of the whole gold")
+    if policy == "exact":
+        logger.warning("%s; kept (freeform_gold='exact'): a completion scores on them only when its answer is the "
+                       "whole gold", report)
+        return problems
+    logger.warning("%s; dropped them (freeform_gold='drop'; 'refuse' makes this an error, 'exact' keeps them scored "
+                   "by an exact match of the whole gold)", report)
+    bad = {index for index, _ in found}
+    kept = [problem for index, problem in enumerate(problems) if index not in bad]
+    if not kept:
+        raise DatasetError(f"{report}: no rows are left. Pass freeform_gold='exact' to keep them, scored only by an "
+                           "exact match of the whole gold")
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------- task
@@ -207,14 +260,16 @@ def dataset_task(
     test_path: str | Path | None = None,
     instruction: str = MATH_INSTRUCTION,
     max_completion_length: int = 512,
+    freeform_gold: str = "drop",
 ) -> Task:
     """A task from a local file, checked with ``math_verify_match``.
 
     Train and test are disjoint: questions are de-duplicated, then split by ``split_problems``. With
     ``test_path`` the test set is that file instead, and training rows whose question appears there are
-    dropped (logged).
+    dropped (logged). ``freeform_gold`` applies to both files (``load_dataset_file``).
     """
-    fields = {"question_field": question_field, "answer_field": answer_field, "subset_field": subset_field}
+    fields = {"question_field": question_field, "answer_field": answer_field, "subset_field": subset_field,
+              "freeform_gold": freeform_gold}
     problems = load_dataset_file(path, **fields)
     if test_path is None:
         train, test = split_problems(problems, test_fraction, seed)
@@ -235,7 +290,7 @@ def dataset_task(
         instruction=instruction,
         max_completion_length=max_completion_length,
         metadata={"path": str(path), "test_path": None if test_path is None else str(test_path),
-                  "test_fraction": test_fraction, "seed": seed},
+                  "test_fraction": test_fraction, "seed": seed, "freeform_gold": freeform_gold},
     )
 
 
