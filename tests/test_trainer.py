@@ -10,7 +10,7 @@ from tiny import build_tokenizer, odd_digit_parity, save_tiny  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from conspo import ConSPOConfig, ConSPOTrainer  # noqa: E402
-from conspo.presets import METHODS, PRESETS, preset_config, preset_reward_funcs  # noqa: E402
+from conspo.presets import ALL_METHODS, PRESETS, preset_config, preset_reward_funcs  # noqa: E402
 from conspo.trainer import check_trl_internals  # noqa: E402
 
 BASE = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True)
@@ -42,9 +42,9 @@ def starts_odd(prompts, completions, **kwargs):
 @pytest.mark.parametrize(
     "overrides, needle",
     [
-        (dict(objective="ppo"), "objective='ppo' is not supported; accepted values: 'conspo', 'disco', 'trl'"),
-        (dict(tau=0.0), "tau must be a positive finite number"),
-        (dict(tau=float("nan")), "tau must be a positive finite number"),
+        (dict(objective="ppo"), "objective='ppo' is not supported; accepted values: 'conspo', 'disco', 'gmpo', 'trl'"),
+        (dict(tau=0.0), "tau must be a number in [0.001, 1000]"),
+        (dict(tau=float("nan")), "tau must be a number in [0.001, 1000]"),
         (dict(margin_max=-0.1), "m_max must be a finite number >= 0"),
         (dict(margin_schedule="exp"), "margin_schedule='exp' is not supported"),
         (dict(margin_schedule="step"), "schedule='step' needs step_at"),
@@ -126,7 +126,7 @@ def test_trl_version_outside_the_range_is_refused(monkeypatch):
 
 
 def test_presets_follow_the_spec(tmp_path):
-    assert set(METHODS) == set(PRESETS)
+    assert set(ALL_METHODS) == set(PRESETS)
     out = str(tmp_path)
     grpo = preset_config("grpo", output_dir=out, **BASE)
     assert (grpo.objective, grpo.loss_type, grpo.epsilon, grpo.scale_rewards, grpo.beta) == ("trl", "grpo", 0.2, "group", 0.0)

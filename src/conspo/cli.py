@@ -10,7 +10,9 @@ import argparse
 import importlib
 import sys
 
-METHODS = ("conspo", "disco", "grpo", "dr_grpo", "dapo", "gspo", "cispo")
+# Kept in step with conspo.presets.ALL_METHODS (tests/test_cli.py checks it) so that --help imports nothing heavy.
+METHODS = ("conspo", "disco", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo", "gmpo",
+           "conspo_linear_gap", "conspo_clipped_ratio", "conspo_no_margin", "conspo_fixed_margin")
 
 # command -> "module:function"; the function takes the parsed argparse namespace and returns an exit code.
 _HANDLERS = {
@@ -43,7 +45,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conspo",
-        description="ConSPO and its baselines (GRPO, Dr.GRPO, DAPO, GSPO, CISPO, DisCO) for RL with verifiable rewards.",
+        description="ConSPO and its baselines (GRPO, Dr.GRPO, DAPO, GSPO, CISPO, SAPO, GMPO, DisCO) for RL with "
+                    "verifiable rewards.",
     )
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,compare}")
     train = sub.add_parser("train", help="train a causal LM with ConSPO or a baseline (no options: embedded default)")
@@ -58,11 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--answer-field", default=None)
     ev.add_argument("--subset-field", default=None, help="report metrics per value of this field too")
     ev.add_argument("--template", choices=("plain", "chat"), default=None)
-    ev.add_argument("--samples", type=int, default=4, help="completions sampled per problem (N)")
-    ev.add_argument("--k", default="1", help="comma-separated k values, each <= --samples")
+    ev.add_argument("--protocol", choices=("default", "paper"), default="default",
+                    help="evaluation preset. default: 4 samples, k 1, temperature 0.6 and top-p 0.95 for math tasks "
+                         "(--dataset, dataset files), temperature 1.0 without top-p for the others (arithmetic, "
+                         "reasoning-gym), the task's instruction. paper: the paper's protocol, temperature 0.6, "
+                         "top-p 0.95, 32 samples, k 1,32, the instruction 'Please reason step by step, and put your "
+                         "final answer within \\boxed{}.'. --samples, --k, --temperature, --top-p, --instruction "
+                         "and --max-new-tokens given explicitly override the preset's values")
+    ev.add_argument("--samples", type=int, default=None, help="completions sampled per problem (N; default: the protocol's)")
+    ev.add_argument("--k", default=None, help="comma-separated k values, each <= --samples (default: the protocol's)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many problems")
-    ev.add_argument("--temperature", type=float, default=1.0)
-    ev.add_argument("--max-new-tokens", type=int, default=None)
+    ev.add_argument("--temperature", type=float, default=None, help="0: greedy (default: the protocol's)")
+    ev.add_argument("--top-p", type=float, default=None,
+                    help="nucleus sampling, in (0, 1]; 1: off (default: the protocol's)")
+    ev.add_argument("--instruction", default=None,
+                    help="text after each question in the prompt, '' for none (default: the protocol's, else the task's)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's max_completion_length")
     ev.add_argument("--output-dir", default=None)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--gguf-file", default=None,

@@ -26,7 +26,7 @@ SUMMARY = "summary.json"
 
 
 def parse_methods(text: str) -> list[str]:
-    from conspo.presets import METHODS
+    from conspo.presets import ALL_METHODS as METHODS
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

@@ -1,7 +1,7 @@
 """The math core of conspo: sequence scores, the ConSPO and DisCO objectives, credits, margins.
 
 Everything here is a pure function of torch tensors and imports nothing but torch. The contract is
-``shared/spec/objectives.md``; section numbers below refer to it.
+``docs/objectives.md``; section numbers below refer to it.
 
 Shapes are named once:
 
@@ -14,8 +14,10 @@ No function loops over groups in Python: groups are compacted to ``0..K-1`` by a
 sums use ``index_add``/``scatter_reduce`` into buffers of length ``B`` (``K <= B``), so the cost stays
 flat in the number of groups and nothing forces a device synchronisation apart from the input checks.
 
-ConSPO (Zhang et al., arXiv 2605.12969) is reconstructed from its abstract; see ``README.md`` and
-spec section 4 for which choices are ours. DisCO is Li et al., arXiv 2505.12366.
+ConSPO is Zhang et al., arXiv 2605.12969 (v3): the loss is its Eq. 8/13, the credit its Lemma 2, the margin
+curriculum its section 4.3; defaults are the paper's (tau = 10, cosine margin to 0.01 over the first 30% of
+training). ``docs/objectives.md`` maps each equation to the function here and the test that checks it. DisCO is
+Li et al., arXiv 2505.12366.
 """
 
 from __future__ import annotations
@@ -35,15 +37,27 @@ __all__ = [
     "disco_loss",
     "margin_at",
     "kl_trust_region",
+    "clipped_ratio_scores",
     "grpo_credit",
+    "gmpo_loss",
+    "group_advantages",
+    "ADVANTAGE_SCALES",
     "separation_metrics",
     "MARGIN_SCHEDULES",
     "NEG_REDUCES",
     "GROUP_NORMS",
     "DISCO_VARIANTS",
+    "SCORES",
+    "TAU_MIN",
+    "TAU_MAX",
 ]
 
 MARGIN_SCHEDULES = ("constant", "linear", "cosine", "step")
+SCORES = ("logprob", "clipped_ratio")
+# The accepted temperature range. Inside it the loss, its gradient and the credit are finite for any finite scores
+# (tests/test_objectives.py checks both ends against a float64 reference); outside it exp(s/tau) and tau*log(...)
+# leave the float range for scores that real models produce.
+TAU_MIN, TAU_MAX = 1e-3, 1e3
 NEG_REDUCES = ("sum", "mean")
 GROUP_NORMS = ("valid", "all")
 DISCO_VARIANTS = ("dro", "basic")
@@ -85,6 +99,14 @@ def _positive_finite(name: str, value: float) -> float:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_tau(value: float) -> float:
+    """``tau`` as a float, or a ValueError naming the accepted range [TAU_MIN, TAU_MAX]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not TAU_MIN <= value <= TAU_MAX:
+        raise ValueError(f"tau must be a number in [{TAU_MIN:g}, {TAU_MAX:g}] (the range where the contrast is computed "
+                         f"stably), got {value!r}")
     return float(value)
 
 
@@ -187,7 +209,11 @@ def _check_normalizer(normalizer: float | Tensor | None) -> None:
     if isinstance(normalizer, Tensor):
         if normalizer.numel() != 1 or normalizer.dtype == torch.bool:
             raise ValueError(f"normalizer must be a number or a 1-element tensor, got {_describe(normalizer)}")
-        return  # a device tensor is not read back here: that would force a synchronisation
+        # One scalar read back: the input checks already synchronise once, and a NaN count would make the loss NaN.
+        value = float(normalizer)
+        if not 0 <= value < math.inf:
+            raise ValueError(f"normalizer must be a finite count >= 0, got {value!r}")
+        return
     if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not 0 <= normalizer < math.inf:
         raise ValueError(f"normalizer must be None or a finite number >= 0 (a group count), got {normalizer!r}")
 
@@ -224,12 +250,50 @@ def sequence_scores(logps: Tensor, mask: Tensor) -> Tensor:
     return total / length
 
 
+def clipped_ratio_scores(
+    logps: Tensor, old_logps: Tensor, mask: Tensor, correct: Tensor, *, eps_low: float = 0.2, eps_high: float = 0.2
+) -> Tensor:
+    """The clipped importance-ratio scores of the paper's Eq. 6, its Table 6 ablation of the score (section 4).
+
+    With ``rho_t = exp(logp_t - logp_old_t)``: a positive scores ``mean_t min(rho_t, 1 + eps_high)``, a negative
+    ``mean_t max(rho_t, 1 - eps_low)`` (GRPO's clipped surrogate seen per class, Lemma 1). ConSPO's InfoNCE is then
+    applied to these scores instead of the length-normalised log-probabilities. At ``pi = pi_old`` every score is 1
+    and its gradient is that of :func:`sequence_scores`.
+
+    Args:
+        logps, old_logps: (B, T) token log-probabilities under pi_theta and pi_old (``old_logps`` is detached).
+        mask:    (B, T) completion-token mask.
+        correct: (B,) bool, the verifier's verdict (decides which side is clipped).
+    Returns:
+        (B,) scores; a row with no token scores 0.
+    """
+    if not isinstance(logps, Tensor) or logps.dim() != 2 or not logps.is_floating_point():
+        raise ValueError(f"logps must be a 2-D floating-point tensor of shape (B, T), got {_describe(logps)}")
+    for name, t in (("old_logps", old_logps), ("mask", mask)):
+        if not isinstance(t, Tensor) or t.shape != logps.shape:
+            raise ValueError(f"{name} must have the shape of logps {tuple(logps.shape)}, got {_describe(t)}")
+    if not isinstance(correct, Tensor) or correct.shape != logps.shape[:1]:
+        raise ValueError(f"correct must be a tensor of shape ({logps.shape[0]},), got {_describe(correct)}")
+    eps_low = _positive_finite("eps_low", eps_low)
+    eps_high = _positive_finite("eps_high", eps_high)
+    if eps_low >= 1:
+        raise ValueError(f"eps_low must be in (0, 1) (the ratio floor 1 - eps_low must stay positive), got {eps_low!r}")
+    dtype = _float_dtype(logps)
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    log_ratio = torch.where(keep, logps.to(dtype) - old_logps.detach().to(dtype), 0.0)
+    ratio = torch.exp(log_ratio)
+    positive = correct.bool().unsqueeze(1)
+    clipped = torch.where(positive, torch.clamp(ratio, max=1 + eps_high), torch.clamp(ratio, min=1 - eps_low))
+    total = torch.where(keep, clipped, 0.0).sum(-1)
+    return total / keep.sum(-1).clamp(min=1).to(dtype)
+
+
 def conspo_loss(
     scores: Tensor,
     correct: Tensor,
     group_ids: Tensor,
     *,
-    tau: float = 0.1,
+    tau: float = 10.0,
     margin: float = 0.0,
     neg_reduce: str = "sum",
     group_norm: str = "valid",
@@ -253,7 +317,8 @@ def conspo_loss(
         scores:    (B,) sequence scores, e.g. from :func:`sequence_scores`.
         correct:   (B,) bool, the verifier's verdict.
         group_ids: (B,) integer id of each rollout's prompt group.
-        tau:       temperature, > 0 (default 0.1, the order of the within-group score spread).
+        tau:       temperature in [TAU_MIN, TAU_MAX] (default 10, the paper's; at typical within-group score
+                   spreads of tenths of a nat the credits are then within about 1% of uniform).
         margin:    m >= 0 subtracted from each positive's score (see :func:`margin_at`).
         neg_reduce: "sum" (standard InfoNCE) or "mean".
         group_norm: "valid" or "all".
@@ -262,7 +327,7 @@ def conspo_loss(
             micro-batch losses add up to the full-batch loss. Default: count the groups of this call.
     """
     scores, correct, group_ids = _check_group_inputs(scores, correct, group_ids)
-    tau = _positive_finite("tau", tau)
+    tau = check_tau(tau)
     _check_normalizer(normalizer)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
@@ -323,7 +388,7 @@ def disco_loss(
     ``normalizer`` is as in :func:`conspo_loss`.
     """
     scores, correct, group_ids = _check_group_inputs(scores, correct, group_ids)
-    tau = _positive_finite("tau", tau)
+    tau = check_tau(tau)
     _check_normalizer(normalizer)
     _choice("variant", variant, DISCO_VARIANTS)
     _choice("group_norm", group_norm, GROUP_NORMS)
@@ -444,13 +509,17 @@ def margin_at(
     step: int,
     total_steps: int,
     *,
-    schedule: str = "linear",
+    schedule: str = "cosine",
     m0: float = 0.0,
-    m_max: float = 0.1,
-    ramp_frac: float = 1.0,
+    m_max: float = 0.01,
+    ramp_frac: float = 0.3,
     step_at: int | None = None,
 ) -> float:
-    """The curriculum margin m(t) of spec section 5, at optimizer step ``step`` of ``total_steps``.
+    """The curriculum margin m(t) at optimizer step ``step`` of ``total_steps`` (paper section 4.3).
+
+    Defaults are the paper's: cosine from 0 to M = 0.01 over the first alpha = 30% of training, constant after.
+    The trainer passes the step at which the current generation batch was generated, so that one generation
+    batch uses one margin however many optimizer steps it feeds.
 
     With ``u = min(1, step / (ramp_frac * total_steps))``:
 
@@ -506,6 +575,9 @@ def kl_trust_region(
     dtype = _float_dtype(logps)
     keep = mask if mask.dtype == torch.bool else mask != 0
     diff = torch.where(keep, old_logps.detach().to(dtype) - logps.to(dtype), 0.0)
+    if not bool(torch.isfinite(diff).all()):
+        raise ValueError("logps and old_logps must be finite on masked tokens; got NaN or infinity (check the "
+                         "old log-probabilities the trust region compares with)")
     kl = diff.sum() / keep.sum().clamp(min=1).to(dtype)
     coef = (beta * torch.clamp(kl - delta, min=0.0)).detach()
     return TrustRegion(coef * kl, kl.detach())
@@ -531,3 +603,179 @@ def grpo_credit(correct: Tensor, group_ids: Tensor) -> Tensor:
     neg_coef = -torch.sqrt(_safe_div(p, 1 - p)) / size.clamp(min=1)
     per_row = torch.where(correct, pos_coef[groups.index], neg_coef[groups.index])
     return torch.where(groups.valid[groups.index], per_row, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# GMPO (Zhao et al., arXiv 2507.20673) and GRPO's group-normalised advantages it is trained with.
+# --------------------------------------------------------------------------------------------------
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+
+
+def group_advantages(rewards: Tensor, group_ids: Tensor, *, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """GRPO's advantages as TRL 1.16's ``GRPOTrainer`` computes them (``scale_rewards``), without loops over groups.
+
+    ``A_i = (r_i - mean_{g(i)} r) / (sd + eps)``, where the mean is over the rollouts of i's group and ``sd`` is the
+    unbiased (Bessel-corrected, like ``torch.std``) standard deviation of the rewards of i's group
+    (``scale="group"``) or of the whole batch (``scale="batch"``); ``scale="none"`` only centres. A group of one
+    rollout has sd 0 (so advantage 0: it is its own mean), and so does a batch of one row.
+
+    Args:
+        rewards:   (B,) finite scalar rewards.
+        group_ids: (B,) integer id of each rollout's prompt group (arbitrary ids, members need not be contiguous).
+        scale:     "group", "batch" or "none".
+        eps:       > 0, added to the standard deviation (TRL's 1e-4).
+
+    Returns:
+        (B,) advantages, float32 (float64 when ``rewards`` is float64), detached.
+    """
+    if not isinstance(rewards, Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a 1-D floating-point tensor of shape (B,), got {_describe(rewards)}")
+    b = rewards.shape[0]
+    if not isinstance(group_ids, Tensor) or group_ids.shape != (b,):
+        raise ValueError(f"group_ids must be a tensor of shape ({b},) matching rewards, got {_describe(group_ids)}")
+    if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
+    _choice("scale", scale, ADVANTAGE_SCALES)
+    eps = _positive_finite("eps", eps)
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards must be finite; got NaN or infinity (score unscorable rollouts before this call)")
+
+    dtype = _float_dtype(rewards)
+    r = rewards.detach().to(dtype)
+    groups = _groups(torch.zeros(b, dtype=torch.bool, device=r.device), group_ids)
+    count = (groups.n_pos + groups.n_neg).to(dtype)
+    centred = r - _safe_div(_group_sum(r, groups), count)[groups.index]
+    if scale == "none":
+        return centred
+    if scale == "group":
+        var = _safe_div(_group_sum(centred * centred, groups), count - 1)  # 0 for a group of one
+        sd = var.clamp(min=0).sqrt()[groups.index]
+    else:
+        dev = r - r.mean() if b > 0 else r
+        sd = (dev * dev).sum().div(max(b - 1, 1)).sqrt().expand(b)
+    return centred / (sd + eps)
+
+
+def _check_row_normalizer(normalizer: float | Tensor | None) -> None:
+    if normalizer is None:
+        return
+    if isinstance(normalizer, Tensor):
+        if normalizer.numel() != 1 or normalizer.dtype == torch.bool:
+            raise ValueError(f"normalizer must be a number or a 1-element tensor, got {_describe(normalizer)}")
+        return  # a device tensor is not read back here: that would force a synchronisation
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not 0 <= normalizer < math.inf:
+        raise ValueError(f"normalizer must be None or a finite number >= 0 (a sequence count), got {normalizer!r}")
+
+
+def gmpo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float = 0.4,
+    eps_high: float = 0.4,
+    normalizer: float | Tensor | None = None,
+) -> LossOutput:
+    """GMPO's policy loss: the geometric mean of the token ratios, clipped per token in log space.
+
+    Geometric-Mean Policy Optimization (Zhao et al., arXiv 2507.20673, ICLR 2026). With the token log-ratio
+    ``d_t = log rho_t = logp_t - old_logp_t`` and ``s = sgn(A_i)``, per sequence i over its ``n_i`` mask tokens::
+
+        z_i = (1/n_i) * sum_t s * min( s * d_t, s * clip(d_t, -eps_low, eps_high) )
+        r_i = exp(z_i)                                       (the clipped geometric mean of the rho_t)
+        L   = -(1/N) * sum_i A_i * r_i                       (N = normalizer)
+
+    The clip is one-sided, PPO's pessimistic bound in log space: with A > 0 a token's d is capped at eps_high,
+    with A < 0 floored at -eps_low, and a capped token carries no gradient; the others keep theirs whatever
+    their ratio. The ratio range is ``(exp(-eps_low), exp(eps_high))``; 0.4 each is the paper's and its
+    training script's (``cliprange 0.4``). ``A = 0`` gives ``z = 0``, ``r = 1`` and no loss or gradient.
+
+    Aggregation: a plain sum over sequences divided by ``N`` (each sequence weighs the same, whatever its
+    length; the 1/n_i is inside the geometric mean). Default ``N`` = the number of rows with at least one mask
+    token in this call, so the loss is the mean over sequences. When this call sees a micro-batch of an
+    optimizer step, pass ``normalizer`` = that count over the *whole* step (all micro-batches and ranks); the
+    micro-batch losses then add up to the full-batch loss and gradient. Rows with no mask token contribute
+    nothing (their r is not formed), and padded positions never leak, even if they hold NaN.
+
+    At ``logps == old_logps`` (the first step after generation) the gradient is that of
+    ``-(1/N) * sum_i A_i * mean_t logp_{i,t}``, the on-policy policy gradient on length-normalised scores.
+
+    Args:
+        logps:      (B, T) token log-probabilities under pi_theta (differentiable).
+        old_logps:  (B, T) token log-probabilities under pi_old, the sampler (detached here).
+        advantages: (B,) per-sequence advantages, e.g. from :func:`group_advantages` (detached here).
+        mask:       (B, T) 1 for completion tokens, 0 for padding (bool, integer or float).
+        eps_low, eps_high: > 0, the clip bounds of ``d`` in log space (default 0.4 each).
+        normalizer: the sequence count ``N`` above, a number >= 0 or a 1-element tensor (clamped to >= 1).
+
+    Returns:
+        :class:`LossOutput` with ``loss`` the 0-d value of L; ``credit`` (B,) ``-dL/dz_i = A_i * r_i / N``
+        (0 on rows without tokens), so that ``-dL/dlogp_{i,t} = credit_i / n_i`` on unclipped tokens and 0 on
+        clipped ones; with nothing clipped it is ``-dL/ds_i`` for the score ``s_i = mean_t logp_{i,t}``.
+        ``metrics`` (detached 0-d, over this call's mask tokens or rows with tokens): ``clip_frac``,
+        ``clip_frac_low`` (A < 0, d < -eps_low), ``clip_frac_high`` (A > 0, d > eps_high), ``log_ratio_mean``
+        (token mean of d), ``log_ratio_abs_max``, ``seq_ratio_mean`` (mean of r_i) and ``seq_ratio_max``.
+    """
+    if not isinstance(logps, Tensor) or logps.dim() != 2 or not logps.is_floating_point():
+        raise ValueError(f"logps must be a 2-D floating-point tensor of shape (B, T), got {_describe(logps)}")
+    shape = tuple(logps.shape)
+    if not isinstance(old_logps, Tensor) or tuple(old_logps.shape) != shape or not old_logps.is_floating_point():
+        raise ValueError(
+            f"old_logps must be a floating-point tensor of the shape of logps {shape}, got {_describe(old_logps)}"
+        )
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != shape:
+        raise ValueError(f"mask must have the shape of logps {shape}, got {_describe(mask)}")
+    if not isinstance(advantages, Tensor) or tuple(advantages.shape) != shape[:1] or not advantages.is_floating_point():
+        raise ValueError(
+            f"advantages must be a 1-D floating-point tensor of shape ({shape[0]},), one per row of logps, "
+            f"got {_describe(advantages)}"
+        )
+    eps_low = _positive_finite("eps_low", eps_low)
+    eps_high = _positive_finite("eps_high", eps_high)
+    _check_row_normalizer(normalizer)
+
+    dtype = _float_dtype(logps)
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    adv = advantages.detach().to(dtype)
+    if not bool(torch.isfinite(adv).all()):
+        raise ValueError("advantages must be finite; got NaN or infinity")
+    d = torch.where(keep, logps.to(dtype) - old_logps.detach().to(dtype), 0.0)
+    if not bool(torch.isfinite(d).all()):
+        raise ValueError("logps and old_logps must be finite on mask tokens; got NaN or infinity (check the masks)")
+
+    n = keep.sum(-1)
+    has_tokens = n > 0
+    a = adv[:, None]
+    high = keep & (a > 0) & (d > eps_high)  # capped at eps_high: no gradient
+    low = keep & (a < 0) & (d < -eps_low)  # floored at -eps_low: no gradient
+    # s * min(s * d, s * clip(d)) is d except on the capped tokens, and 0 where A = 0.
+    clipped = torch.where(high, eps_high, torch.where(low, -eps_low, d))
+    clipped = torch.where(keep & (a != 0), clipped, 0.0)
+    z = clipped.sum(-1) / n.clamp(min=1).to(dtype)
+    r = torch.exp(torch.where(has_tokens, z, 0.0))
+
+    if normalizer is not None:
+        denom = torch.as_tensor(normalizer, dtype=dtype, device=logps.device).detach().clamp(min=1.0)
+    else:
+        denom = has_tokens.sum().to(dtype).clamp(min=1.0)
+    weight = torch.where(has_tokens, adv, 0.0)
+    loss = -(weight * r).sum() / denom
+
+    with torch.no_grad():
+        credit = weight * r / denom
+        n_tok = keep.sum().clamp(min=1).to(dtype)
+        n_rows = has_tokens.sum().clamp(min=1).to(dtype)
+        r_rows = torch.where(has_tokens, r, 0.0)
+        metrics = {
+            "clip_frac": (high | low).sum().to(dtype) / n_tok,
+            "clip_frac_low": low.sum().to(dtype) / n_tok,
+            "clip_frac_high": high.sum().to(dtype) / n_tok,
+            "log_ratio_mean": d.sum() / n_tok,
+            "log_ratio_abs_max": d.abs().amax() if d.numel() else torch.zeros((), dtype=dtype, device=d.device),
+            "seq_ratio_mean": r_rows.sum() / n_rows,
+            "seq_ratio_max": r_rows.amax() if r.numel() else torch.zeros((), dtype=dtype, device=d.device),
+        }
+        metrics = {k: v.detach() for k, v in metrics.items()}
+    return LossOutput(loss, credit.detach(), metrics)

@@ -1,11 +1,12 @@
-"""Named methods: ConSPO, DisCO and the GRPO-family baselines as TRL configurations (spec section 8).
+"""Named methods: ConSPO, the paper's seven baselines and its Table 6 ablations as configurations (section 8).
 
 A comparison changes one word::
 
     config = preset_config("dapo", output_dir="runs/dapo", max_steps=100)
     trainer = ConSPOTrainer(model, reward_funcs=[verifier, *preset_reward_funcs("dapo", config)], args=config, ...)
 
-The baselines run TRL's own loss (``objective="trl"``); ConSPOTrainer adds only the shared diagnostics.
+The baselines that TRL implements run TRL's own loss (``objective="trl"``; ConSPOTrainer adds only the shared
+diagnostics); GMPO, which TRL lacks, is ``objective="gmpo"`` on conspo's own loss.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-METHODS = ("conspo", "disco", "grpo", "dr_grpo", "dapo", "gspo", "cispo")
+# The paper's seven baselines (arXiv 2605.12969v3, section 5.1) next to ConSPO, then the rows of its Table 6 ablation.
+METHODS = ("conspo", "disco", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo", "gmpo")
+ABLATIONS = ("conspo_linear_gap", "conspo_clipped_ratio", "conspo_no_margin", "conspo_fixed_margin")
 
-# The settings each method fixes. Anything passed to preset_config overrides them.
+# The settings each method fixes. Anything passed to preset_config overrides them, except the defining fields below.
 PRESETS: dict[str, dict[str, Any]] = {
     "conspo": dict(objective="conspo"),
     "disco": dict(objective="disco"),
@@ -26,7 +29,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gspo": dict(objective="trl", importance_sampling_level="sequence", loss_type="grpo", epsilon=3e-4,
                  epsilon_high=4e-4, beta=0.0),
     "cispo": dict(objective="trl", loss_type="cispo", beta=0.0),
+    # SAPO: TRL's loss_type="sapo" with its default soft-gate temperatures (sapo_temperature_pos/neg).
+    "sapo": dict(objective="trl", loss_type="sapo", beta=0.0),
+    # GMPO (arXiv 2507.20673): not in TRL; conspo.objectives.gmpo_loss, clip 0.4 in log space both ways.
+    "gmpo": dict(objective="gmpo", beta=0.0),
+    # Table 6: InfoNCE replaced by the linear score gap. That is DisCO-basic, here without its trust region.
+    "conspo_linear_gap": dict(objective="disco", disco_variant="basic", trust_region=False),
+    # Table 6: the log-probability score replaced by the clipped importance ratios of Eq. 6.
+    "conspo_clipped_ratio": dict(objective="conspo", score="clipped_ratio"),
+    # Table 6: no margin, and a fixed margin (the paper's M = 0.01 from the first step).
+    "conspo_no_margin": dict(objective="conspo", margin_max=0.0),
+    "conspo_fixed_margin": dict(objective="conspo", margin_schedule="constant"),
 }
+ALL_METHODS = METHODS + ABLATIONS
+
+# The fields that make a preset what its name says; a run labelled with the name cannot change them.
+DEFINING_FIELDS = ("objective", "loss_type", "importance_sampling_level", "disco_variant", "score")
 
 # DAPO's soft overlong punishment: when the task does not say how long a complete answer can be, the last quarter
 # of the completion budget is penalised linearly (DAPO: 4096 of 20480 tokens).
@@ -34,12 +52,23 @@ DAPO_OVERLONG_CACHE_FRACTION = 0.25
 
 
 def preset_config(method: str, **overrides: Any):
-    """A ``ConSPOConfig`` (a TRL ``GRPOConfig``) for ``method`` with ``overrides`` applied on top."""
+    """A ``ConSPOConfig`` (a TRL ``GRPOConfig``) for ``method`` with ``overrides`` applied on top.
+
+    A preset's defining fields (``DEFINING_FIELDS``: its objective, TRL loss type, ...) cannot be changed under its
+    name: ``preset_config("grpo", objective="conspo")`` is refused, so a run is never labelled with another method.
+    """
     if method not in PRESETS:
-        raise ValueError(f"unknown method {method!r}; accepted values: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {method!r}; accepted values: {', '.join(ALL_METHODS)}")
     from conspo.trainer import ConSPOConfig
 
-    return ConSPOConfig(**{**PRESETS[method], **overrides})
+    preset = PRESETS[method]
+    changed = [f"{k}={overrides[k]!r} (the preset has {preset[k]!r})" for k in DEFINING_FIELDS
+               if k in preset and k in overrides and overrides[k] != preset[k]]
+    if changed:
+        raise ValueError(f"method {method!r} is defined by {', '.join(f'{k}={preset[k]!r}' for k in DEFINING_FIELDS if k in preset)}; "
+                         f"these settings would make it another method: {'; '.join(changed)}. Choose the method "
+                         f"that has them (accepted: {', '.join(ALL_METHODS)}).")
+    return ConSPOConfig(**{**preset, **overrides})
 
 
 def preset_reward_funcs(method: str, config, *, overlong_after: int | None = None) -> list[Callable]:
@@ -53,7 +82,7 @@ def preset_reward_funcs(method: str, config, *, overlong_after: int | None = Non
     length is close to the budget (a budget set tight to a task's longest answer, as for worked arithmetic).
     """
     if method not in PRESETS:
-        raise ValueError(f"unknown method {method!r}; accepted values: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {method!r}; accepted values: {', '.join(ALL_METHODS)}")
     if overlong_after is not None and (isinstance(overlong_after, bool) or not isinstance(overlong_after, int)
                                        or overlong_after < 1):
         raise ValueError(f"overlong_after must be a positive number of tokens or None, got {overlong_after!r}")

@@ -75,8 +75,7 @@ OWN_FIELD_OBJECTIVES = {
     "margin_ramp_frac": ("conspo",), "margin_step_at": ("conspo",), "neg_reduce": ("conspo",),
     "group_norm": ("conspo", "disco"), "disco_variant": ("disco",), "trust_region": ("conspo", "disco"),
     "trust_region_delta": ("conspo", "disco"), "trust_region_beta": ("conspo", "disco"),
-    "correct_threshold": ("conspo", "disco"), "correctness_reward": ("conspo", "disco"),
-    "truncated": ("conspo", "disco"), "group_batching": ("conspo", "disco", "gmpo"),
+    "group_batching": ("conspo", "disco", "gmpo"),
     "gmpo_epsilon_low": ("gmpo",), "gmpo_epsilon_high": ("gmpo",),
 }
 
