@@ -116,7 +116,7 @@ def test_spec_reference_table(tau, margin, loss, grad, dtype):
     ids = torch.zeros(4, dtype=torch.long)
     out = conspo_loss(scores, correct, ids, tau=tau, margin=margin, neg_reduce="sum")
     out.loss.backward()
-    close(out.loss, loss, rtol=0, atol=1e-6)
+    close(out.loss, loss, rtol=2e-7, atol=1e-6)  # the table has 6 decimals; float32 near 10.94 has ~1e-6 spacing
     close(scores.grad, grad, rtol=0, atol=1e-6)
     close(out.credit, [-g for g in grad], rtol=0, atol=1e-6)
     # The reference reproduces the table too (so the table checks the reference as well).
