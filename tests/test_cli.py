@@ -93,3 +93,12 @@ def test_foreign_directory_is_not_overwritten(tmp_path):
     with pytest.raises(RunError, match="holds no conspo run"):
         prepare_output_dir(out, {"method": "conspo"}, resume=False, overwrite=False)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_eval_help_names_the_paper_protocol_and_that_flags_override_it():
+    out = subprocess.run([sys.executable, "-m", "conspo.cli", "eval", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    text = " ".join(out.split())
+    assert "--protocol {default,paper}" in text and "--top-p TOP_P" in text
+    assert "temperature 0.6, top-p 0.95, 32 samples, k 1,32" in text
+    assert "given explicitly override the preset's values" in text

@@ -398,3 +398,145 @@ def test_cli_bad_input(args, message, tiny_dir, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "conspo eval: error:" in err and message in err
+
+
+# ----------------------------------------------------------------------------------------------- protocols, top-p
+
+
+@pytest.fixture()
+def recorded_generate(monkeypatch):
+    """``generate`` replaced by a recorder: each call's generation config and prompt rows; every completion is
+    one end-of-sequence token."""
+    import torch
+    import transformers
+
+    calls = []
+
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
+        rows = [[t for t, m in zip(r, a) if m] for r, a in zip(input_ids.tolist(), attention_mask.tolist())]
+        calls.append({"config": generation_config, "rows": rows})
+        eos = torch.full((input_ids.shape[0], 1), self.config.eos_token_id, dtype=input_ids.dtype)
+        return torch.cat([input_ids, eos], dim=1)
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", generate)
+    return calls
+
+
+def test_protocol_paper_samples_as_the_paper_and_says_so(tiny_dir, tmp_path, recorded_generate):
+    from conspo.evaluation import SUMMARY_FILE, TABLE_FILE
+    from conspo.tasks.datasets import PAPER_INSTRUCTION
+    from conspo.tasks.tiny_model import build_tokenizer
+
+    data, out = write_dataset(tmp_path / "d.jsonl"), tmp_path / "out"
+    assert run_cli("--model", tiny_dir, "--dataset", data, "--protocol", "paper", "--max-new-tokens", 3,
+                   "--output-dir", out) == 0
+    configs = [c["config"] for c in recorded_generate]
+    assert {(c.do_sample, c.temperature, c.top_p, c.top_k, c.max_new_tokens) for c in configs} == {
+        (True, 0.6, 0.95, 0, 3)}
+    rows = [row for c in recorded_generate for row in c["rows"]]
+    assert len(rows) == 3 * 32  # 32 samples of each of the 3 problems
+    tok = build_tokenizer()
+    assert tok.decode(rows[0]) == "1+1=\n" + PAPER_INSTRUCTION and tok.decode(rows[32]) == "3-1=\n" + PAPER_INSTRUCTION
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["protocol"] == {"name": "paper", "temperature": 0.6, "top_p": 0.95, "samples": 32, "ks": [1, 32],
+                                   "max_new_tokens": 3, "instruction": PAPER_INSTRUCTION, "template": "plain",
+                                   "overrides": ["max_new_tokens"]}
+    assert summary["ks"] == [1, 32] and "pass@32" in summary["overall"]
+    assert (summary["settings"]["top_p"], summary["settings"]["instruction"]) == (0.95, PAPER_INSTRUCTION)
+    table = (out / TABLE_FILE).read_text()
+    assert "temperature 0.6, top-p 0.95" in table
+    assert ("Protocol `paper` (overridden: max_new_tokens): temperature 0.6, top-p 0.95, 32 samples, k in {1, 32}, "
+            "at most 3 new tokens, template plain; instruction after each question: `" + PAPER_INSTRUCTION + "`.") in table
+
+
+def test_explicit_settings_override_the_protocol(tiny_dir, tmp_path, recorded_generate):
+    from conspo.evaluation import SUMMARY_FILE
+    from conspo.tasks.tiny_model import build_tokenizer
+
+    data, out = write_dataset(tmp_path / "d.jsonl"), tmp_path / "out"
+    assert run_cli("--model", tiny_dir, "--dataset", data, "--protocol", "paper", "--samples", 4, "--k", "1,4",
+                   "--temperature", 0.9, "--top-p", 0.5, "--instruction", "", "--max-new-tokens", 2,
+                   "--output-dir", out) == 0
+    assert {(c["config"].temperature, c["config"].top_p) for c in recorded_generate} == {(0.9, 0.5)}
+    rows = [row for c in recorded_generate for row in c["rows"]]
+    assert len(rows) == 12 and build_tokenizer().decode(rows[0]) == "1+1="  # no instruction at all
+    protocol = json.loads((out / SUMMARY_FILE).read_text())["protocol"]
+    assert (protocol["name"], protocol["samples"], protocol["ks"], protocol["instruction"]) == ("paper", 4, [1, 4], "")
+    assert protocol["overrides"] == ["temperature", "top_p", "samples", "ks", "instruction", "max_new_tokens"]
+
+
+@pytest.mark.parametrize("source, sampling", [(("--dataset", "{data}"), (0.6, 0.95)),
+                                              (("--task", "arithmetic"), (1.0, 1.0))])
+def test_default_sampling_is_the_papers_for_math_tasks_only(source, sampling, tiny_dir, tmp_path, recorded_generate):
+    from conspo.evaluation import SUMMARY_FILE
+
+    data, out = write_dataset(tmp_path / "d.jsonl"), tmp_path / "out"
+    args = [a.format(data=data) for a in source]
+    assert run_cli("--model", tiny_dir, *args, "--limit", 2, "--max-new-tokens", 2, "--output-dir", out) == 0
+    assert {(c["config"].temperature, c["config"].top_p) for c in recorded_generate} == {sampling}
+    protocol = json.loads((out / SUMMARY_FILE).read_text())["protocol"]
+    assert (protocol["name"], protocol["samples"], protocol["ks"], protocol["overrides"]) == (
+        "default", 4, [1], ["max_new_tokens"])
+    assert (protocol["temperature"], protocol["top_p"]) == sampling
+
+
+def test_top_p_near_zero_is_greedy_and_one_is_not(tiny_dir):
+    from conspo.evaluation import evaluate, load_model, load_task
+
+    model, tok = load_model(str(tiny_dir))
+    task = load_task(dataset=str(write_dataset(tiny_dir.parent / "topp.jsonl")))
+    run = lambda **kw: [r["completion"] for r in evaluate(model, tok, task, samples=4, ks=[1], max_new_tokens=6,  # noqa: E731
+                                                          seed=0, batch_size=4, progress=False, **kw)[0]]
+    greedy = run(temperature=0.0)
+    assert len(set(greedy[:4])) == 1 and greedy[0] != ""  # one completion per problem, repeated
+    assert run(temperature=1.0, top_p=1e-6) == greedy  # only the most probable token survives the nucleus
+    full = run(temperature=1.0, top_p=1.0)
+    assert full != greedy and sum(a != b for a, b in zip(full, greedy)) >= 6  # a random model samples widely
+    assert run(temperature=1.0, top_p=0.5) != full  # the nucleus changes the samples
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1", "nan"])
+def test_bad_top_p_is_refused_before_anything_is_written(value, tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli("--model", tiny_dir, "--task", "arithmetic", "--top-p", value, "--output-dir", out) == 2
+    assert f"--top-p must be in (0, 1], got {float(value)}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_protocols_k_beyond_fewer_samples_says_to_give_k(tiny_dir, tmp_path, capsys):
+    assert run_cli("--model", tiny_dir, "--task", "arithmetic", "--protocol", "paper", "--samples", 8,
+                   "--output-dir", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "k=32 is out of range" in err and "--protocol paper's: give --k too" in err
+
+
+def test_vllm_gets_top_p_and_the_same_prompt_ids(tiny_dir, monkeypatch, recorded_generate):
+    import sys
+    import types
+
+    from conspo.evaluation import evaluate, load_model, load_task
+
+    made = []
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+            self.n = kwargs["n"]
+
+    class LLM:
+        requests = []
+
+        def generate(self, requests, params):
+            LLM.requests += [r["prompt_token_ids"] for r in requests]
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[1])] * p.n) for p in params]
+
+    LLM.__module__ = "vllm.fake"
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=SamplingParams, LLM=LLM))
+    model, tok = load_model(str(tiny_dir))
+    task = load_task(dataset=str(write_dataset(tiny_dir.parent / "vllm.jsonl")))
+    records, summary = evaluate(LLM(), tok, task, samples=2, ks=[1, 2], temperature=0.6, top_p=0.95,
+                                max_new_tokens=4, progress=False)
+    assert [(p["temperature"], p["top_p"], p["n"], p["max_tokens"]) for p in made] == [(0.6, 0.95, 2, 4)] * 3
+    assert len(records) == 6 and summary["settings"]["device"] == "vllm"
+    evaluate(model, tok, task, samples=1, ks=[1], max_new_tokens=4, progress=False)  # the transformers path
+    assert LLM.requests == [row for c in recorded_generate for row in c["rows"]]

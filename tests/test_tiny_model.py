@@ -282,3 +282,62 @@ def test_greedy_accuracy_is_the_mean_verifier_score(tokenizer, task):
 
 def _score(x):
     return VerifyResult(score=x, extracted=None, reason="match" if x else "mismatch")
+
+
+# --- the prompt (issue 13, item 5) -----------------------------------------------------------------------------
+
+
+def _key_before_conspo_prompts(task, spec, config, seed):
+    """cache_key as it was computed when the warm start prompted with ``question + instruction``."""
+    import hashlib
+
+    problems = hashlib.sha256()
+    for p in task.train:
+        fields = [p["question"], p["answer"]] + ([p["solution"]] if "solution" in p else [])
+        problems.update(json.dumps(fields).encode())
+        problems.update(b"\n")
+    blob = json.dumps({"version": "tiny-v3", "task": task.name, "instruction": task.instruction,
+                       "max_completion_length": task.max_completion_length, "train": problems.hexdigest(),
+                       "model": dataclasses.asdict(spec), "warm_start": dataclasses.asdict(config), "seed": seed},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def test_cache_key_changes_exactly_where_the_warm_start_prompt_changed(task):
+    # The arithmetic tasks have no instruction: their prompt is the question, before and now, so the key (and every
+    # existing cache of the embedded default) stays as it was.
+    for t in (task, make_task(difficulty=1, n_train=40, n_test=10, worked=True)):
+        assert t.instruction == ""
+        assert cache_key(t, TINY_SPEC, TINY_CONFIG, 0) == _key_before_conspo_prompts(t, TINY_SPEC, TINY_CONFIG, 0)
+    # With an instruction the warm start used to see "question" + instruction and now sees "question\ninstruction",
+    # so a cache trained on the old prompt must not be found.
+    instructed = dataclasses.replace(task, instruction="Put your final answer within \\boxed{}.")
+    assert cache_key(instructed, TINY_SPEC, TINY_CONFIG, 0) != _key_before_conspo_prompts(
+        instructed, TINY_SPEC, TINY_CONFIG, 0)
+    other = dataclasses.replace(task, instruction="Answer:")
+    assert len({cache_key(t, TINY_SPEC, TINY_CONFIG, 0) for t in (task, instructed, other)}) == 3
+
+
+def test_warm_start_trains_on_the_prompt_rl_sees(tokenizer):
+    problems = [{"question": "1+2=", "answer": "3"}, {"question": "10-4=", "answer": "6"}]
+    for instruction, prompt in (("", "1+2="), ("Say it.", "1+2=\nSay it.")):
+        ids, labels = tiny_model._encode_examples(tokenizer, problems, instruction)
+        start = int((labels[0] != -100).nonzero()[0])
+        assert tokenizer.decode(ids[0, :start].tolist()) == prompt
+        assert tokenizer.decode(ids[0, start:].tolist()) == "3<eos>" + "<pad>" * (ids.shape[1] - start - 2)
+
+
+def test_greedy_accuracy_prompts_as_rl_does_with_either_template(tokenizer, task, monkeypatch):
+    model = build_model(tokenizer, TINY_SPEC, seed=0)
+    seen = []
+    real = model.generate
+
+    def generate(**kwargs):
+        seen.append(kwargs["input_ids"][kwargs["attention_mask"].bool()].tolist())
+        return real(**kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    problems = task.test[:1]
+    for template in ("plain", "chat"):
+        greedy_accuracy(model, tokenizer, problems, lambda c, a: _score(0.0), instruction="Go.", template=template)
+    assert seen[0] == seen[1] == tokenizer(problems[0]["question"] + "\nGo.")["input_ids"]

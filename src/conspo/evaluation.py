@@ -1,10 +1,17 @@
 """``conspo eval``: sample N completions per problem, verify them, report avg@k, pass@k and maj@k.
 
 The metrics are pure functions in :mod:`conspo.metrics`; this module loads the model, samples and writes
-the results. Sampling is plain temperature sampling (no top-k, top-p or repetition penalty, whatever the
-checkpoint's generation config says); ``temperature=0`` is greedy. The (problem, sample) pairs are laid
-out problem-major and cut into batches of ``batch_size``; torch is seeded before each batch from
-``(seed, batch index)``, so the same seed, batch size and inputs give the same completions and numbers.
+the results. Sampling is temperature sampling with optional nucleus (top-p) sampling, nothing else (no top-k,
+min-p or repetition penalty, whatever the checkpoint's generation config says); ``temperature=0`` is greedy.
+The (problem, sample) pairs are laid out problem-major and cut into batches of ``batch_size``; torch is seeded
+before each batch from ``(seed, batch index)``, so the same seed, batch size and inputs give the same
+completions and numbers.
+
+Protocols (``--protocol``, :data:`PROTOCOLS`): ``default`` (4 samples, k=1; temperature 0.6 and top-p 0.95 for
+math tasks, temperature 1.0 without top-p for the others) and ``paper`` (the paper's evaluation: temperature 0.6,
+top-p 0.95, 32 samples, k in {1, 32}, the prompt ``PAPER_INSTRUCTION``). Explicit settings override the
+protocol's; the summary records the protocol used. Prompts are rendered and tokenised by ``conspo.prompts``,
+exactly as for RL.
 
 Backends: ``transformers`` (``model.generate``), or ``vllm`` when it is installed and a GPU is present
 (``--backend auto``, the default, picks it then). The vLLM path is small on purpose: prompts go in as token
@@ -16,6 +23,7 @@ it has no end-of-sequence token within ``max_new_tokens``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -28,7 +36,9 @@ import time
 from pathlib import Path
 
 from conspo.metrics import CORRECT_SCORE, metric_names, summarize
+from conspo.prompts import problem_prompt, prompt_ids
 from conspo.tasks.base import Task
+from conspo.tasks.datasets import PAPER_INSTRUCTION
 
 logger = logging.getLogger("conspo.evaluation")
 
@@ -42,6 +52,21 @@ _FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 class EvalError(ValueError):
     """Bad input found before sampling starts; the message names the option and what is accepted."""
+
+
+PAPER_SAMPLING = {"temperature": 0.6, "top_p": 0.95}
+"""The paper's sampling (Appendix E), also ``conspo eval``'s default for math tasks (those checked with
+``math_verify_match``: ``--dataset`` and dataset files)."""
+OTHER_SAMPLING = {"temperature": 1.0, "top_p": 1.0}
+"""The default sampling of the other tasks (built-in arithmetic, reasoning-gym): unchanged, the setting of the
+documented arithmetic numbers."""
+PROTOCOLS: dict[str, dict] = {
+    # None: the task's default (sampling: PAPER_SAMPLING or OTHER_SAMPLING; instruction: the task's own).
+    "default": {"temperature": None, "top_p": None, "samples": 4, "ks": [1], "instruction": None},
+    "paper": {**PAPER_SAMPLING, "samples": 32, "ks": [1, 32], "instruction": PAPER_INSTRUCTION},
+}
+"""``--protocol`` presets; ``max_new_tokens`` is the task's ``max_completion_length`` unless given."""
+PROTOCOL_FIELDS = ("temperature", "top_p", "samples", "ks", "instruction", "max_new_tokens")
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -126,7 +151,7 @@ def _check_model_path(model: str, gguf_file: str | None) -> None:
 
 
 def check_settings(samples: int, ks, *, limit=None, batch_size: int = 1, max_new_tokens=None,
-                   temperature: float = 1.0) -> None:
+                   temperature: float = 1.0, top_p: float | None = None) -> None:
     """Raise EvalError naming the first bad sampling setting."""
     if samples < 1:
         raise EvalError(f"--samples must be >= 1, got {samples}")
@@ -138,6 +163,52 @@ def check_settings(samples: int, ks, *, limit=None, batch_size: int = 1, max_new
             raise EvalError(f"{name} must be >= 1, got {value}")
     if not temperature >= 0:
         raise EvalError(f"--temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise EvalError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+def is_math_task(task: Task) -> bool:
+    """A task checked with ``math_verify_match`` (``--dataset``, dataset files)."""
+    from conspo.rewards.verifiers import math_verify_match
+
+    return getattr(task.verifier, "__wrapped__", task.verifier) is math_verify_match
+
+
+def resolve_protocol(name: str, task: Task | None = None, **given) -> dict:
+    """The settings of protocol ``name`` with the explicitly ``given`` ones (``PROTOCOL_FIELDS``; None: not
+    given) on top: ``{"name", "overrides", "temperature", "top_p", "samples", "ks", "instruction",
+    "max_new_tokens"}``. With ``task``, what the protocol leaves to the task is filled in (sampling by
+    :func:`is_math_task`, the task's instruction, ``max_completion_length``); without it those stay None.
+    ``ks`` may be given as ``"1,4"`` or a list; it is checked against the samples."""
+    if name not in PROTOCOLS:
+        raise EvalError(f"--protocol must be one of {list(PROTOCOLS)}, got {name!r}")
+    unknown = sorted(set(given) - set(PROTOCOL_FIELDS))
+    if unknown:
+        raise EvalError(f"resolve_protocol: no setting {unknown}; settings: {list(PROTOCOL_FIELDS)}")
+    out = {"name": name, **PROTOCOLS[name], "max_new_tokens": None}
+    overrides = [k for k in PROTOCOL_FIELDS if given.get(k) is not None]
+    out.update({k: given[k] for k in overrides})
+    out["overrides"] = overrides
+    if isinstance(out["ks"], str):
+        out["ks"] = parse_ks(out["ks"], out["samples"])
+    try:
+        check_settings(out["samples"], sorted(set(out["ks"])), max_new_tokens=out["max_new_tokens"],
+                       temperature=1.0 if out["temperature"] is None else out["temperature"], top_p=out["top_p"])
+    except EvalError as error:
+        if "ks" in overrides or not str(error).startswith("--k"):
+            raise
+        raise EvalError(f"{error} (k {','.join(map(str, out['ks']))} is --protocol {name}'s: give --k too)") from None
+    out["ks"] = sorted(set(out["ks"]))
+    if task is not None:
+        sampling = PAPER_SAMPLING if is_math_task(task) else OTHER_SAMPLING
+        for key, value in sampling.items():
+            if out[key] is None:
+                out[key] = value
+        if out["instruction"] is None:
+            out["instruction"] = task.instruction
+        if out["max_new_tokens"] is None:
+            out["max_new_tokens"] = task.max_completion_length
+    return out
 
 
 def load_tokenizer(model: str, gguf_file: str | None = None):
@@ -211,14 +282,18 @@ def split_completion(ids: list[int], eos_ids: list[int], max_new_tokens: int) ->
     return ids[:stop], False
 
 
-def _sample_transformers(model, tokenizer, prompts, samples, *, temperature, max_new_tokens, seed, batch_size,
-                         eos_ids, progress) -> list[list[list[int]]]:
+def _sample_transformers(model, tokenizer, prompts, samples, *, temperature, top_p, max_new_tokens, seed,
+                         batch_size, eos_ids, progress) -> list[list[list[int]]]:
+    """``prompts``: token ids per problem (``conspo.prompts.prompt_ids``)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
+    from conspo.prompts import left_padded
+
+    sampled = temperature > 0
     config = GenerationConfig(
-        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_k=0, top_p=1.0,
+        do_sample=sampled, temperature=temperature if sampled else None, top_k=0, top_p=top_p if sampled else 1.0,
         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
     )
     pairs = [(i, j) for i in range(len(prompts)) for j in range(samples)]
@@ -232,8 +307,7 @@ def _sample_transformers(model, tokenizer, prompts, samples, *, temperature, max
         with torch.no_grad(), tqdm(total=len(pairs), desc="conspo eval", unit="sample", disable=not progress) as bar:
             for b, start in enumerate(range(0, len(pairs), batch_size)):
                 chunk = pairs[start:start + batch_size]
-                enc = tokenizer([prompts[i] for i, _ in chunk], add_special_tokens=False, padding=True,
-                                padding_side="left", return_tensors="pt").to(device)
+                enc = left_padded([prompts[i] for i, _ in chunk], tokenizer.pad_token_id, device)
                 torch.manual_seed(batch_seed(seed, b))
                 generated = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
                 for (i, _), row in zip(chunk, generated.tolist()):
@@ -244,12 +318,14 @@ def _sample_transformers(model, tokenizer, prompts, samples, *, temperature, max
     return out
 
 
-def _sample_vllm(llm, tokenizer, prompts, samples, *, temperature, max_new_tokens, seed, eos_ids):
+def _sample_vllm(llm, tokenizer, prompts, samples, *, temperature, top_p, max_new_tokens, seed, eos_ids):
+    """``prompts``: token ids per problem (``conspo.prompts.prompt_ids``), passed to vLLM as they are."""
     from vllm import SamplingParams
 
-    requests = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
-    params = [SamplingParams(n=samples, temperature=temperature, top_p=1.0, max_tokens=max_new_tokens,
-                             seed=batch_seed(seed, i), stop_token_ids=eos_ids) for i in range(len(prompts))]
+    requests = [{"prompt_token_ids": list(ids)} for ids in prompts]
+    params = [SamplingParams(n=samples, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                             max_tokens=max_new_tokens, seed=batch_seed(seed, i), stop_token_ids=eos_ids)
+              for i in range(len(prompts))]
     return [[list(o.token_ids) for o in result.outputs] for result in llm.generate(requests, params)]
 
 
@@ -264,27 +340,26 @@ def _verify(verifier, completion: str, answer: str) -> tuple[float, str | None, 
 
 
 def evaluate(model, tokenizer, task: Task, *, samples: int = 4, ks=(1,), temperature: float = 1.0,
-             max_new_tokens: int | None = None, seed: int = 0, limit: int | None = None, template: str = "plain",
-             batch_size: int = 32, progress: bool = True) -> tuple[list[dict], dict]:
+             top_p: float = 1.0, max_new_tokens: int | None = None, seed: int = 0, limit: int | None = None,
+             template: str = "plain", batch_size: int = 32, progress: bool = True,
+             protocol: str = "custom") -> tuple[list[dict], dict]:
     """Sample ``samples`` completions for each of ``task.test[:limit]``, verify them, summarise.
 
-    ``model`` is a transformers causal LM or a ``vllm.LLM``. Returns ``(records, summary)``: one record per
-    sample (``problem``, ``subset``, ``sample``, ``answer``, ``completion``, ``extracted``, ``score``,
-    ``correct``, ``reason``, ``length`` in tokens, ``truncated``) and ``metrics.summarize``'s dict with the
-    sampling settings under ``"settings"``.
+    ``model`` is a transformers causal LM or a ``vllm.LLM``. Prompts: ``task.instruction`` and ``template``,
+    rendered and tokenised by ``conspo.prompts`` as for RL. ``top_p`` in (0, 1]: nucleus sampling (1: off).
+    Returns ``(records, summary)``: one record per sample (``problem``, ``subset``, ``sample``, ``answer``,
+    ``completion``, ``extracted``, ``score``, ``correct``, ``reason``, ``length`` in tokens, ``truncated``) and
+    ``metrics.summarize``'s dict with the sampling settings under ``"settings"`` and the protocol (``protocol``
+    names it: temperature, top_p, samples, ks, max_new_tokens, instruction, template) under ``"protocol"``.
     """
-    from conspo.run import _prompt_text
-    from conspo.tasks.datasets import format_prompt
-
     ks = sorted(set(ks))
     check_settings(samples, ks, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                   temperature=temperature)
+                   temperature=temperature, top_p=top_p)
     max_new_tokens = max_new_tokens or task.max_completion_length
     problems = task.test[:limit] if limit else task.test
-    prompts = [_prompt_text(format_prompt(p["question"], task.instruction, template, tokenizer), tokenizer)
-               for p in problems]
+    prompts = prompt_ids([problem_prompt(p, task.instruction, template, tokenizer) for p in problems], tokenizer)
     eos_ids = _eos_ids(model, tokenizer)
-    options = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, eos_ids=eos_ids)
+    options = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, eos_ids=eos_ids)
     if type(model).__module__.startswith("vllm"):
         generated = _sample_vllm(model, tokenizer, prompts, samples, **options)
         device = dtype = "vllm"
@@ -304,9 +379,13 @@ def evaluate(model, tokenizer, task: Task, *, samples: int = 4, ks=(1,), tempera
                             "correct": score >= CORRECT_SCORE, "reason": reason, "length": len(ids),
                             "truncated": truncated})
     summary = summarize(records, ks)
-    summary["settings"] = {"task": task.name, "samples": samples, "temperature": temperature,
+    summary["settings"] = {"task": task.name, "samples": samples, "temperature": temperature, "top_p": top_p,
                            "max_new_tokens": max_new_tokens, "seed": seed, "limit": limit, "template": template,
-                           "batch_size": batch_size, "device": device, "dtype": dtype}
+                           "instruction": task.instruction, "batch_size": batch_size, "device": device,
+                           "dtype": dtype}
+    summary["protocol"] = {"name": protocol, "temperature": temperature, "top_p": top_p, "samples": samples,
+                           "ks": ks, "max_new_tokens": max_new_tokens, "instruction": task.instruction,
+                           "template": template}
     return records, summary
 
 
@@ -319,14 +398,29 @@ def render_markdown(summary: dict) -> str:
     s = summary.get("settings", {})
     names = metric_names(summary["ks"])
     header = ["subset", "problems", *names, "mean tokens", "min", "max", "truncated %"]
+    top_p = f", top-p {s['top_p']}" if "top_p" in s else ""
     lines = [
         f"## conspo eval: {s.get('task', '?')}",
         "",
         f"model `{s.get('model', '?')}`" + (f" (`{s['gguf_file']}`)" if s.get("gguf_file") else "")
         + f"; {s.get('samples', '?')} samples per problem, temperature "
-        f"{s.get('temperature', '?')}, at most {s.get('max_new_tokens', '?')} new tokens, seed {s.get('seed', '?')}. "
-        "Metrics in percent, each problem weighted equally.",
+        f"{s.get('temperature', '?')}{top_p}, at most {s.get('max_new_tokens', '?')} new tokens, "
+        f"seed {s.get('seed', '?')}. Metrics in percent, each problem weighted equally.",
         "",
+    ]
+    protocol = summary.get("protocol")
+    if protocol:
+        overrides = protocol.get("overrides")
+        lines += [
+            f"Protocol `{protocol['name']}`"
+            + (f" (overridden: {', '.join(overrides)})" if overrides else "")
+            + f": temperature {protocol['temperature']}, top-p {protocol['top_p']}, {protocol['samples']} samples, "
+            f"k in {{{', '.join(map(str, protocol['ks']))}}}, at most {protocol['max_new_tokens']} new tokens, "
+            f"template {protocol.get('template', '?')}; instruction after each question: "
+            + (f"`{protocol['instruction']}`" if protocol["instruction"] else "(none)") + ".",
+            "",
+        ]
+    lines += [
         "| " + " | ".join(header) + " |",
         "|---|" + "---:|" * (len(header) - 1),
     ]
@@ -347,23 +441,32 @@ def eval_command(ns) -> int:
     logging.basicConfig(level=os.environ.get("CONSPO_LOG_LEVEL", "WARNING"))
     gguf_file = getattr(ns, "gguf_file", None)
     started = time.time()
+    given = {"temperature": getattr(ns, "temperature", None), "top_p": getattr(ns, "top_p", None),
+             "samples": getattr(ns, "samples", None), "ks": getattr(ns, "k", None),
+             "instruction": getattr(ns, "instruction", None), "max_new_tokens": getattr(ns, "max_new_tokens", None)}
+    name = getattr(ns, "protocol", None) or "default"
+    batch_size = getattr(ns, "batch_size", 32)
     try:
-        ks = parse_ks(ns.k, ns.samples)
-        check_settings(ns.samples, ks, limit=ns.limit, batch_size=getattr(ns, "batch_size", 32),
-                       max_new_tokens=ns.max_new_tokens, temperature=ns.temperature)
+        protocol = resolve_protocol(name, **given)  # every explicit setting checked before anything is loaded
+        check_settings(protocol["samples"], protocol["ks"], limit=ns.limit, batch_size=batch_size)
         _check_model_path(ns.model, gguf_file)
         task = load_task(ns.task, ns.dataset, question_field=ns.question_field, answer_field=ns.answer_field,
                          subset_field=ns.subset_field)
+        protocol = resolve_protocol(name, task, **given)
+        if protocol["instruction"] != task.instruction:
+            task = dataclasses.replace(task, instruction=protocol["instruction"])
         backend = choose_backend(getattr(ns, "backend", "auto"), gguf_file)
         print(f"[conspo] loading {ns.model}" + (f" ({gguf_file})" if gguf_file else "") + f" for {backend}",
               file=sys.stderr)
         model, tokenizer = load_model(ns.model, gguf_file, backend=backend, seed=ns.seed)
-        records, summary = evaluate(model, tokenizer, task, samples=ns.samples, ks=ks, temperature=ns.temperature,
-                                    max_new_tokens=ns.max_new_tokens, seed=ns.seed, limit=ns.limit,
-                                    template=ns.template or "plain", batch_size=getattr(ns, "batch_size", 32))
+        records, summary = evaluate(model, tokenizer, task, samples=protocol["samples"], ks=protocol["ks"],
+                                    temperature=protocol["temperature"], top_p=protocol["top_p"],
+                                    max_new_tokens=protocol["max_new_tokens"], seed=ns.seed, limit=ns.limit,
+                                    template=ns.template or "plain", batch_size=batch_size, protocol=name)
     except ValueError as error:  # EvalError, DatasetError, get_task's unknown-task error, template errors
         print(f"conspo eval: error: {error}", file=sys.stderr)
         return 2
+    summary["protocol"]["overrides"] = protocol["overrides"]
     summary["settings"].update(model=ns.model, gguf_file=gguf_file, backend=backend,
                                wall_seconds=round(time.time() - started, 1))
     label = ns.dataset or ns.task or DEFAULT_TASK

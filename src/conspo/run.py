@@ -128,35 +128,28 @@ def prepare_output_dir(output_dir: Path, identity: dict, *, resume: bool, overwr
 
 def heldout_accuracy(model, tokenizer, task, *, template: str = "plain", limit: int | None = 500,
                      batch_size: int = 256) -> float:
-    """Mean verifier score of greedy completions on the task's held-out problems."""
+    """Mean verifier score of greedy completions on the task's held-out problems, given the prompt ids RL gives
+    the model (``conspo.prompts``: the same rendering and tokenisation as TRL's)."""
     import torch
 
-    from conspo.tasks.datasets import format_prompt
+    from conspo.prompts import left_padded, problem_prompt, prompt_ids
 
     problems = task.test[:limit] if limit else task.test
     if not problems:
         return float("nan")
-    prompts = [_prompt_text(format_prompt(p["question"], task.instruction, template, tokenizer), tokenizer)
-               for p in problems]
+    ids = prompt_ids([problem_prompt(p, task.instruction, template, tokenizer) for p in problems], tokenizer)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     completions: list[str] = []
     with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i : i + batch_size], add_special_tokens=False, padding=True,
-                            padding_side="left", return_tensors="pt").to(device)
+        for i in range(0, len(ids), batch_size):
+            enc = left_padded(ids[i : i + batch_size], tokenizer.pad_token_id, device)
             out = model.generate(**enc, do_sample=False, max_new_tokens=task.max_completion_length,
                                  pad_token_id=tokenizer.pad_token_id)
             completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     model.train(was_training)
     return sum(task.verifier(c, p["answer"]).score for c, p in zip(completions, problems)) / len(problems)
-
-
-def _prompt_text(prompt, tokenizer) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
 
 
 # ----------------------------------------------------------------------------------------------- callbacks
@@ -242,8 +235,8 @@ def train(
     from datasets import Dataset
 
     from conspo.presets import preset_config, preset_reward_funcs
+    from conspo.prompts import problem_prompt
     from conspo.rewards import make_reward_func
-    from conspo.tasks.datasets import format_prompt
     from conspo.trainer import ConSPOTrainer
 
     started = time.time()
@@ -297,8 +290,9 @@ def train(
     reward_funcs = [verifier, *preset_reward_funcs(method, args, overlong_after=task_obj.overlong_after)]
     if len(reward_funcs) > 1 and args.correctness_reward is None:
         args.correctness_reward = "correct"  # correctness comes from the verifier, not the length penalty
-    rows = [{"prompt": format_prompt(p["question"], task_obj.instruction, template, tokenizer),
-             "answer": p["answer"]} for p in task_obj.train]
+    # TRL tokenises this "prompt" itself; conspo.prompts reproduces how, for the warm start and evaluation.
+    rows = [{"prompt": problem_prompt(p, task_obj.instruction, template, tokenizer), "answer": p["answer"]}
+            for p in task_obj.train]
     train_set = Dataset.from_list(rows)
 
     def evaluate(m) -> float:

@@ -35,6 +35,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from conspo.prompts import TEMPLATES, render_prompt  # noqa: F401 (TEMPLATES: re-exported, as before)
 from conspo.rewards.extract import extract_answer, extract_gold
 from conspo.rewards.verifiers import check_gold, math_verify_match
 from conspo.tasks.base import Task
@@ -45,8 +46,10 @@ QUESTION_FIELDS = ("question", "problem", "prompt", "input", "query")
 ANSWER_FIELDS = ("answer", "final_answer", "solution", "target", "output")
 SUBSET_FIELDS = ("subset", "subject", "type", "level", "category")
 EXTENSIONS = (".jsonl", ".json", ".parquet")
-TEMPLATES = ("plain", "chat")
 MATH_INSTRUCTION = "Put your final answer within \\boxed{}."
+"""The instruction of dataset tasks (training and ``conspo eval --dataset``)."""
+PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+"""The paper's evaluation prompt (Appendix E): ``conspo eval --protocol paper``."""
 FREEFORM_GOLD = ("drop", "refuse", "exact")
 """What ``load_dataset_file`` does with rows whose gold the math verifier cannot read whole (module docstring)."""
 FREEFORM_EXAMPLES = 3
@@ -297,15 +300,6 @@ def dataset_task(
 def format_prompt(question: str, instruction: str = "", template: str = "plain", tokenizer: Any = None):
     """The prompt for one question: ``template="plain"`` gives the string ``question + "\\n" + instruction``;
     ``"chat"`` gives TRL's conversational format ``[{"role": "user", "content": ...}]``, for which a given
-    ``tokenizer`` must have a chat template."""
-    if template not in TEMPLATES:
-        raise ValueError(f"template must be one of {list(TEMPLATES)}; got {template!r}")
-    text = f"{question}\n{instruction}" if instruction else question
-    if template == "plain":
-        return text
-    if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "template='chat' needs a tokenizer with a chat template, and this one has none: "
-            "use template='plain' or set tokenizer.chat_template"
-        )
-    return [{"role": "user", "content": text}]
+    ``tokenizer`` must have a chat template. The same as :func:`conspo.prompts.render_prompt`, which every
+    path (warm start, RL, held-out evaluation, ``conspo eval``) uses."""
+    return render_prompt(question, instruction, template, tokenizer)

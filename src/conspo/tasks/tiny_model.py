@@ -3,7 +3,8 @@
 A random-init model earns no reward, so RL has nothing to work with. :func:`warm_start` trains a tiny
 model briefly on a task's training problems (prompt tokens masked out of the loss, completion = answer +
 end-of-sequence) and stops early, when greedy accuracy on a validation slice of the *training* problems
-reaches ``WarmStartConfig.stop_at``. The held-out split is never looked at here.
+reaches ``WarmStartConfig.stop_at``. The held-out split is never looked at here. Prompts are rendered and
+tokenised by ``conspo.prompts``, so the warm start, RL and evaluation give the model the same prompt ids.
 
 The supervised targets come from an imperfect teacher with a habit: when the answer is odd it writes the
 next integer instead (``37`` -> ``38``) on a fixed fraction ``teacher_slip`` of those problems (chosen by a
@@ -39,6 +40,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from conspo.prompts import left_padded, problem_prompt, prompt_content, prompt_ids
 from conspo.rewards.base import Verifier
 from conspo.tasks.base import Task
 
@@ -50,7 +52,8 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 # Every printable ASCII character, plus newline and tab: digits, operators, '=' and space among them.
 CHARACTERS = tuple(chr(c) for c in range(32, 127)) + ("\n", "\t")
 
-# The prompt is the question text itself; an assistant turn is its content followed by end-of-sequence.
+# A user turn renders as its content alone (so a chat prompt is the plain prompt, character for character); an
+# assistant turn is its content followed by end-of-sequence.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ message['content'] }}"
@@ -209,33 +212,52 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "conspo"
 
 
+# The warm-start prompt before conspo.prompts (cache keys made then imply it): ``question + instruction``.
+_OLD_PROMPT_SHAPE = "<question>{instruction}"
+
+
+def warm_start_prompt_shape(instruction: str) -> str:
+    """The warm start's prompt with a placeholder question (what :func:`cache_key` records of the prompt)."""
+    return prompt_content("<question>", instruction)
+
+
 def cache_key(task: Task, spec: TinyModelSpec, config: WarmStartConfig, seed: int) -> str:
-    """A hash of everything that decides the warm-started weights."""
+    """A hash of everything that decides the warm-started weights.
+
+    The prompt format enters the key only where it differs from the one old keys were made with
+    (``question + instruction``): a task without an instruction (the built-in arithmetic tasks) keeps its key and
+    its cache, and a task with one (datasets, reasoning-gym), whose warm start now sees
+    ``question + "\\n" + instruction`` like RL and evaluation, gets a new key, so no cache trained on the old
+    prompt is reused.
+    """
     problems = hashlib.sha256()
     for p in task.train:
         # A worked solution is a target too; problems without one hash as before (existing caches stay valid).
         fields = [p["question"], p["answer"]] + ([p["solution"]] if "solution" in p else [])
         problems.update(json.dumps(fields).encode())
         problems.update(b"\n")
-    blob = json.dumps(
-        {
-            "version": CACHE_VERSION,
-            "task": task.name,
-            "instruction": task.instruction,
-            "max_completion_length": task.max_completion_length,
-            "train": problems.hexdigest(),
-            "model": asdict(spec),
-            "warm_start": asdict(config),
-            "seed": seed,
-        },
-        sort_keys=True,
-    )
+    fields = {
+        "version": CACHE_VERSION,
+        "task": task.name,
+        "instruction": task.instruction,
+        "max_completion_length": task.max_completion_length,
+        "train": problems.hexdigest(),
+        "model": asdict(spec),
+        "warm_start": asdict(config),
+        "seed": seed,
+    }
+    shape = warm_start_prompt_shape(task.instruction)
+    if shape != _OLD_PROMPT_SHAPE.format(instruction=task.instruction):
+        fields["prompt"] = shape
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def _encode_examples(tokenizer: PreTrainedTokenizerFast, problems: Sequence[dict], instruction: str):
-    """Right-padded ``input_ids`` (N, T) and ``labels`` (N, T), labels -100 on prompt and padding."""
-    prompts = tokenizer([p["question"] + instruction for p in problems], add_special_tokens=False)["input_ids"]
+    """Right-padded ``input_ids`` (N, T) and ``labels`` (N, T), labels -100 on prompt and padding.
+
+    The prompt ids are those RL and evaluation give the model (``conspo.prompts``)."""
+    prompts = prompt_ids([problem_prompt(p, instruction) for p in problems], tokenizer)
     answers = tokenizer([p["answer"] for p in problems], add_special_tokens=False)["input_ids"]
     rows = [(q, a + [tokenizer.eos_token_id]) for q, a in zip(prompts, answers)]
     width = max(len(q) + len(c) for q, c in rows)
@@ -400,22 +422,17 @@ def load_tiny(path: str | os.PathLike):
 
 @torch.no_grad()
 def greedy_completions(
-    model, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str], *, max_new_tokens: int = 8, batch_size: int = 512
+    model, tokenizer: PreTrainedTokenizerFast, prompts: Sequence, *, max_new_tokens: int = 8, batch_size: int = 512
 ) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batches on the model's device), decoded without special
-    tokens."""
+    """Greedy completions of ``prompts`` (prompt objects of ``conspo.prompts.render_prompt``: strings or chat
+    messages, tokenised by ``conspo.prompts.prompt_ids``; left-padded batches on the model's device), decoded
+    without special tokens."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(
-            list(prompts[i : i + batch_size]),
-            add_special_tokens=False,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-        ).to(device)
+        enc = left_padded(prompt_ids(prompts[i : i + batch_size], tokenizer), tokenizer.pad_token_id, device)
         gen = model.generate(
             **enc,
             do_sample=False,
@@ -437,14 +454,16 @@ def greedy_accuracy(
     batch_size: int = 512,
     instruction: str = "",
     max_new_tokens: int = 8,
+    template: str = "plain",
 ) -> float:
-    """Mean verifier score of greedy completions of ``problems`` (``{"question", "answer"}`` dicts)."""
+    """Mean verifier score of greedy completions of ``problems`` (``{"question", "answer"}`` dicts), prompted
+    as RL prompts them (``conspo.prompts.problem_prompt`` with ``instruction`` and ``template``)."""
     if not problems:
         return 0.0
     completions = greedy_completions(
         model,
         tokenizer,
-        [p["question"] + instruction for p in problems],
+        [problem_prompt(p, instruction, template, tokenizer) for p in problems],
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
     )
