@@ -12,14 +12,14 @@ from exactness import make_trainer
 from tiny import build_tokenizer, odd_digit_parity
 
 
-def main(model_dir: str, out_dir: str) -> None:
+def main(model_dir: str, out_dir: str, objective: str = "conspo") -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = Dataset.from_dict({"prompt": [f"{i % 10}+{i // 10}=" for i in range(64)]})
     # 2 processes x 6 rollouts = 12 = 3 groups of 4: the middle group is split between the ranks.
     trainer = make_trainer(Path(model_dir), out / "run", build_tokenizer(), dataset, odd_digit_parity,
                            per_device_train_batch_size=6, gradient_accumulation_steps=1, num_iterations=2,
-                           max_steps=2)
+                           max_steps=2, objective=objective)
     trainer.train()
     rank = trainer.accelerator.process_index
     torch.save({
@@ -33,4 +33,4 @@ def main(model_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

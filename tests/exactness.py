@@ -19,6 +19,7 @@ from conspo import objectives as obj
 
 KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
         "conspo_correct", "conspo_group_ids", "conspo_keep")
+OPTIONAL_KEYS = ("advantages", "old_per_token_logps")
 
 
 class _GradCapture(TrainerCallback):
@@ -46,7 +47,11 @@ class CapturingTrainer(ConSPOTrainer):
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 self.captured_params.append({n: p.detach().clone() for n, p in unwrapped.named_parameters()})
                 self.captured_batches.append([])
-            self.captured_batches[-1].append({k: inputs[k].detach().clone() for k in KEYS})
+            batch = {k: inputs[k].detach().clone() for k in KEYS}
+            for k in OPTIONAL_KEYS:  # GMPO reads TRL's advantages and, when TRL stored them, the old log-probs
+                if inputs.get(k) is not None:
+                    batch[k] = inputs[k].detach().clone()
+            self.captured_batches[-1].append(batch)
         return super()._compute_loss(model, inputs)
 
 
@@ -58,6 +63,8 @@ def make_trainer(model_dir: Path, out_dir: Path, tokenizer, dataset, reward, **o
         seed=0, trust_region=False, temperature=1.0,
     )
     settings.update(overrides)
+    if settings.get("objective", "conspo") not in ("conspo", "disco"):
+        settings.pop("trust_region")  # GMPO has none; the config refuses a setting without effect
     config = ConSPOConfig(**settings)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     return CapturingTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
@@ -80,13 +87,7 @@ def generation_step(config: ConSPOConfig, step: int) -> int:
     return step - step % per_generation
 
 
-def reference_gradient(model_dir: Path, params: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
-                       config: ConSPOConfig, step: int, max_steps: int) -> dict[str, torch.Tensor]:
-    """Gradient of the full-batch objective over ``batches`` (all micro-batches of all processes) at optimizer
-    step ``step``; the margin is the one of the step at which its generation batch was generated."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.load_state_dict({**model.state_dict(), **copy.deepcopy(params)})
-    model.train()
+def _reference_scores(model, batches, config):
     scores, correct, gids = [], [], []
     for batch in batches:  # one forward per micro-batch: widths differ between processes
         keep = batch["conspo_keep"]
@@ -94,14 +95,57 @@ def reference_gradient(model_dir: Path, params: dict[str, torch.Tensor], batches
         scores.append(obj.sequence_scores(reference_logps(model, batch, config.temperature), mask))
         correct.append(batch["conspo_correct"])
         gids.append(batch["conspo_group_ids"])
-    scores, correct, gids = torch.cat(scores), torch.cat(correct), torch.cat(gids)
+    return torch.cat(scores), torch.cat(correct), torch.cat(gids)
+
+
+def reference_auto_tau(model_dir: Path, params: dict[str, torch.Tensor], batches, config: ConSPOConfig) -> float:
+    """tau='auto' written out: the median over groups of the within-group population sd of the first step's scores
+    (kept rows only), times tau_auto_factor."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.load_state_dict({**model.state_dict(), **copy.deepcopy(params)})
+    with torch.no_grad():
+        scores, _, gids = _reference_scores(model, batches, config)
+    keep = torch.cat([b["conspo_keep"] for b in batches])
+    sds = sorted(float(scores[keep & (gids == g)].double().std(unbiased=False))
+                 for g in gids[keep].unique() if int((keep & (gids == g)).sum()) > 1)
+    middle = (sds[(len(sds) - 1) // 2] + sds[len(sds) // 2]) / 2
+    return middle * config.tau_auto_factor
+
+
+def reference_gradient(model_dir: Path, params: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
+                       config: ConSPOConfig, step: int, max_steps: int, tau: float | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """Gradient of the full-batch objective over ``batches`` (all micro-batches of all processes) at optimizer
+    step ``step``; the margin is the one of the step at which its generation batch was generated."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.load_state_dict({**model.state_dict(), **copy.deepcopy(params)})
+    model.train()
+    if config.objective == "gmpo":
+        return _gmpo_reference_gradient(model, batches, config)
+    scores, correct, gids = _reference_scores(model, batches, config)
+    tau = config.tau if tau is None else tau
     if config.objective == "conspo":
-        loss = obj.conspo_loss(scores, correct, gids, tau=config.tau, margin=config.margin(generation_step(config, step), max_steps),
+        loss = obj.conspo_loss(scores, correct, gids, tau=tau, margin=config.margin(generation_step(config, step), max_steps),
                                neg_reduce=config.neg_reduce, group_norm=config.group_norm).loss
     else:
-        loss = obj.disco_loss(scores, correct, gids, tau=config.tau, variant=config.disco_variant,
+        loss = obj.disco_loss(scores, correct, gids, tau=tau, variant=config.disco_variant,
                               group_norm=config.group_norm).loss
     loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _gmpo_reference_gradient(model, batches, config: ConSPOConfig) -> dict[str, torch.Tensor]:
+    """GMPO over all rows of the step in one call: the mean over kept sequences (gmpo_loss's own normaliser)."""
+    total = None
+    n_rows = sum(int(b["conspo_keep"].sum()) for b in batches)
+    for batch in batches:
+        logps = reference_logps(model, batch, config.temperature)
+        old = batch.get("old_per_token_logps", logps.detach())
+        mask = batch["completion_mask"] * batch["conspo_keep"].unsqueeze(1)
+        part = obj.gmpo_loss(logps, old, batch["advantages"], mask, eps_low=config.gmpo_epsilon_low,
+                             eps_high=config.gmpo_epsilon_high, normalizer=n_rows).loss
+        total = part if total is None else total + part
+    total.backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

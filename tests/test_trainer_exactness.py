@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-from exactness import assert_grads_match, make_trainer, reference_gradient  # noqa: E402
+from exactness import assert_grads_match, make_trainer, reference_auto_tau, reference_gradient  # noqa: E402
 from tiny import build_tokenizer, odd_digit_parity, save_tiny  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -32,10 +32,14 @@ def _check_all_steps(trainer, model_dir):
     trainer.train()
     steps = len(trainer.captured_grads)
     assert steps == trainer.args.max_steps
+    tau = None
+    if trainer.args.tau == "auto":  # the first step's spread, measured by the reference itself
+        tau = reference_auto_tau(model_dir, trainer.captured_params[0], trainer.captured_batches[0], trainer.args)
+        assert trainer._tau() == pytest.approx(tau, rel=1e-5)
     norms = []
     for t in range(steps):
         expected = reference_gradient(model_dir, trainer.captured_params[t], trainer.captured_batches[t],
-                                      trainer.args, step=t, max_steps=trainer.args.max_steps)
+                                      trainer.args, step=t, max_steps=trainer.args.max_steps, tau=tau)
         norms.append(assert_grads_match(trainer.captured_grads[t], expected))
     assert max(norms) > 1e-6, "no step had a valid group: the test had no signal"
     return len(norms)
@@ -53,6 +57,13 @@ CASES = {
     "disco-iterations": dict(objective="disco", gradient_accumulation_steps=2, num_iterations=2, max_steps=4),
     "disco-basic-credit": dict(objective="disco", disco_variant="basic", per_device_train_batch_size=6,
                                gradient_accumulation_steps=2, max_steps=2),
+    "gmpo-accumulation": dict(objective="gmpo", gradient_accumulation_steps=2, max_steps=2),
+    "gmpo-two-steps-per-generation": dict(objective="gmpo", gradient_accumulation_steps=2, steps_per_generation=4,
+                                          max_steps=4),
+    "gmpo-straddling": dict(objective="gmpo", per_device_train_batch_size=6, gradient_accumulation_steps=2,
+                            num_iterations=2, max_steps=4),
+    "conspo-auto-tau-credit": dict(tau="auto", per_device_train_batch_size=6, gradient_accumulation_steps=2,
+                                   max_steps=2),
 }
 
 
@@ -88,14 +99,16 @@ def test_reported_loss_is_the_objective(model_dir, tmp_path):
 
 
 @pytest.mark.multiproc
-def test_two_processes_with_straddling_groups(model_dir, tmp_path):
+@pytest.mark.parametrize("objective", ["conspo", "gmpo"])
+def test_two_processes_with_straddling_groups(model_dir, tmp_path, objective):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not found")
     out = tmp_path / "dist"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "dist_exactness.py"), str(model_dir), str(out)]
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "dist_exactness.py"), str(model_dir), str(out),
+           objective]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]

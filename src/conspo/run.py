@@ -212,7 +212,7 @@ def train(
     ``config`` is a YAML path or a dict of ConSPOConfig fields; ``overrides`` (config fields) win over it.
     Everything is checked before the warm start or the model load begins.
     """
-    from conspo.presets import METHODS
+    from conspo.presets import ALL_METHODS as METHODS
 
     if method not in METHODS:
         raise RunError(f"unknown method {method!r}; accepted values: {', '.join(METHODS)}")
