@@ -521,6 +521,38 @@ def _logged_steps(path: Path) -> list[int]:
     return steps
 
 
+KILL_SEED_ENV = "CONSPO_KILL_SEED"
+
+
+def _kill_point() -> tuple[int, float, str]:
+    """Where the SIGKILL test kills: the step after which it waits, and how long past it, both drawn from a seed.
+
+    The seed is fresh each run unless CONSPO_KILL_SEED gives it; it is printed and named in every assertion
+    message, so a failing kill point can be drawn again with ``CONSPO_KILL_SEED=<seed>``. (The kill still lands
+    where the run happens to be after that delay, so a rerun reproduces the point up to timing.)"""
+    given = os.environ.get(KILL_SEED_ENV, "").strip()
+    seed = int(given) if given else random.SystemRandom().randrange(2**32)
+    rng = random.Random(seed)
+    kill_after, delay = rng.choice([2, 3]), rng.uniform(0.0, 0.6)
+    note = f"(killed after step {kill_after} + {delay:.2f} s; reproduce with {KILL_SEED_ENV}={seed})"
+    print(f"SIGKILL test: {KILL_SEED_ENV}={seed} -> kill after step {kill_after} + {delay:.2f} s", flush=True)
+    return kill_after, delay, note
+
+
+def test_the_sigkill_point_is_drawn_from_its_seed(monkeypatch, capsys):
+    monkeypatch.setenv(KILL_SEED_ENV, "12345")
+    rng = random.Random(12345)
+    want = (rng.choice([2, 3]), rng.uniform(0.0, 0.6))
+    first, second = _kill_point(), _kill_point()
+    assert first[:2] == second[:2] == want
+    assert f"{KILL_SEED_ENV}=12345" in first[2] and f"{KILL_SEED_ENV}=12345" in capsys.readouterr().out
+    draws = set()
+    for seed in range(20):
+        monkeypatch.setenv(KILL_SEED_ENV, str(seed))
+        draws.add(_kill_point()[:2])
+    assert {k for k, _ in draws} == {2, 3} and len(draws) == 20  # the seed moves the point
+
+
 @pytest.mark.slow
 def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path):
     """`conspo train` killed with SIGKILL at a random point after its first checkpoint; the same command with
@@ -528,9 +560,7 @@ def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(tiny
     config = tmp_path / "config.yaml"
     config.write_text("".join(f"{k}: {v}\n" for k, v in CONFIG.items()))
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    rng = random.Random()
-    kill_after, delay = rng.choice([2, 3]), rng.uniform(0.0, 0.6)
-    note = f"(killed after step {kill_after} + {delay:.2f} s)"
+    kill_after, delay, note = _kill_point()
 
     reference = subprocess.Popen(_command(tiny_dir, tmp_path / "reference", config), env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -545,14 +575,14 @@ def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(tiny
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL, f"the run ended before it was killed {note}"
-    assert not (run / "summary.json").exists()
+    assert not (run / "summary.json").exists(), note
     lost_from = max(_logged_steps(run / "metrics.jsonl"), default=0)
 
     resumed = subprocess.run(_command(tiny_dir, run, config, "--resume"), env=env, capture_output=True, text=True,
                              timeout=300)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert resumed.returncode == 0, f"{note}\n" + resumed.stdout[-2000:] + resumed.stderr[-2000:]
     _, err = reference.communicate(timeout=300)
-    assert reference.returncode == 0, err[-2000:]
+    assert reference.returncode == 0, f"{note}\n" + err[-2000:]
     start = [line for line in resumed.stdout.splitlines() if "--resume: continuing from" in line]
     if start:
         from_step = int(start[0].split("checkpoint-")[1].split()[0])
@@ -560,4 +590,7 @@ def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(tiny
         assert "no checkpoint in" in resumed.stdout, note
         from_step = 0
     assert lost_from - from_step <= CONFIG["save_steps"], note  # at most one checkpoint interval redone
-    assert_same_run(run, tmp_path / "reference")
+    try:
+        assert_same_run(run, tmp_path / "reference")
+    except AssertionError as err:
+        raise AssertionError(f"{err} {note}") from err
