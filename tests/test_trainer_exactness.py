@@ -62,6 +62,9 @@ CASES = {
                                           max_steps=4),
     "gmpo-straddling": dict(objective="gmpo", per_device_train_batch_size=6, gradient_accumulation_steps=2,
                             num_iterations=2, max_steps=4),
+    "conspo-dynamic-sampling": dict(dynamic_sampling=True, gradient_accumulation_steps=2, max_steps=2),
+    "conspo-dynamic-sampling-two-steps": dict(dynamic_sampling=True, gradient_accumulation_steps=1,
+                                              steps_per_generation=2, max_steps=2),
     "conspo-auto-tau-credit": dict(tau="auto", per_device_train_batch_size=6, gradient_accumulation_steps=2,
                                    max_steps=2),
 }

@@ -24,8 +24,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "disco": dict(objective="disco"),
     "grpo": dict(objective="trl", loss_type="grpo", epsilon=0.2, scale_rewards="group", beta=0.0),
     "dr_grpo": dict(objective="trl", loss_type="dr_grpo", scale_rewards="none", beta=0.0),
+    # DAPO with its dynamic sampling, as the ConSPO paper's DAPO baseline has it.
     "dapo": dict(objective="trl", loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
-                 mask_truncated_completions=True, beta=0.0),
+                 mask_truncated_completions=True, dynamic_sampling=True, beta=0.0),
     "gspo": dict(objective="trl", importance_sampling_level="sequence", loss_type="grpo", epsilon=3e-4,
                  epsilon_high=4e-4, beta=0.0),
     "cispo": dict(objective="trl", loss_type="cispo", beta=0.0),

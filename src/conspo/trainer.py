@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 
 from conspo import fast_generation as fastgen
@@ -159,6 +160,21 @@ class ConSPOConfig(GRPOConfig):
         default="negative",
         metadata={"help": "Truncated completions (no EOS): 'negative' (count as incorrect) or 'drop' (from P and N)."},
     )
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "DAPO's dynamic sampling, for every objective: groups whose rollouts are all correct or all "
+                  "wrong are set aside and further prompts are generated and scored until the generation batch holds "
+                  "its configured number of mixed groups, or dynamic_sampling_max_rounds extra rounds are spent. "
+                  "Costs extra generation (logged: conspo/rollouts_generated)."},
+    )
+    dynamic_sampling_max_rounds: int = field(
+        default=4, metadata={"help": "With dynamic_sampling: the most extra generation rounds per generation batch."}
+    )
+    drop_degenerate_groups: bool = field(
+        default=False,
+        metadata={"help": "The paper's weaker form: degenerate groups leave the loss and its normaliser (and, for "
+                  "TRL's losses, the token and sequence counts) without being replaced."},
+    )
     gmpo_epsilon_low: float = field(
         default=0.4, metadata={"help": "GMPO: lower clip of the token log-ratio, in log space (> 0)."}
     )
@@ -229,6 +245,21 @@ class ConSPOConfig(GRPOConfig):
         _positive("trust_region_beta", self.trust_region_beta)
         _positive("gmpo_epsilon_low", self.gmpo_epsilon_low)
         _positive("gmpo_epsilon_high", self.gmpo_epsilon_high)
+        rounds = self.dynamic_sampling_max_rounds
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"dynamic_sampling_max_rounds must be an integer >= 1, got {rounds!r}")
+        if not self.dynamic_sampling and rounds != 4:
+            raise ValueError("dynamic_sampling_max_rounds has no effect without dynamic_sampling=True")
+        if self.dynamic_sampling and self.drop_degenerate_groups:
+            raise ValueError("drop_degenerate_groups=True has no effect with dynamic_sampling=True, which already sets "
+                             "degenerate groups aside (and replaces them); set one of the two")
+        if self.dynamic_sampling or (self.drop_degenerate_groups and self.objective in ("trl",)):
+            local = self.per_device_train_batch_size * self.steps_per_generation
+            if local % self.num_generations != 0:
+                raise ValueError(
+                    f"{'dynamic_sampling' if self.dynamic_sampling else 'drop_degenerate_groups'} selects whole groups "
+                    f"on each process: the local generation batch, per_device_train_batch_size x steps_per_generation "
+                    f"= {local}, must be a multiple of num_generations ({self.num_generations})")
         if self.score == "clipped_ratio" and not 0 < self.epsilon < 1:
             raise ValueError(f"score='clipped_ratio' clips negatives' ratios at 1 - epsilon: epsilon must be in (0, 1), "
                              f"got {self.epsilon!r}")
@@ -476,11 +507,20 @@ class ConSPOTrainer(GRPOTrainer):
     # ---------------------------------------------------------------- batching: whole groups per micro-batch
 
     def _prepare_inputs(self, generation_batch):
-        if self.args.objective == "trl" or not self.model.training:
+        args: ConSPOConfig = self.args
+        selecting = args.dynamic_sampling or args.drop_degenerate_groups
+        if not self.model.training or (args.objective == "trl" and not selecting):
             return super()._prepare_inputs(generation_batch)
-        steps = self.args.steps_per_generation
+        steps = args.steps_per_generation
         if self._step % (steps * self.num_iterations) == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score_completions(generation_batch)
+            if args.dynamic_sampling or (args.drop_degenerate_groups and args.objective == "trl"):
+                batch = self._select_mixed_groups(batch, generation_batch)
+            elif args.drop_degenerate_groups:  # own objectives: rows of degenerate groups leave every count
+                batch["conspo_keep"] = batch["conspo_keep"] & _mixed_rows(batch, self.num_generations)
+            if args.objective == "trl":
+                self._buffered_inputs = _trl_split(batch, steps)
+                return self._buffered_inputs[self._step % steps]
             self._buffered_inputs = self._split_generation_batch(batch)
             self._generation_step = self.state.global_step  # one generation batch, one margin
         k = self._step % steps
@@ -561,6 +601,91 @@ class ConSPOTrainer(GRPOTrainer):
             chunk["conspo_credit"] = credit[start : start + size]
             chunk["conspo_loss_value"] = full.loss.detach()
             start += size
+
+    # ---------------------------------------------------------------- dynamic sampling (docs/objectives.md, 8a)
+
+    def _select_mixed_groups(self, batch: dict[str, Any], generation_batch: list[dict]) -> dict[str, Any]:
+        """Keep only mixed groups (a correct and an incorrect rollout), generating further rounds of prompts while
+        some process has fewer than its configured number of groups (dynamic sampling), or none (drop).
+
+        Every process ends with the same number of whole groups, a multiple of steps_per_generation so that every
+        micro-batch is cut alike: the count is the smallest over processes. Extra prompts are drawn from the train
+        set by a generator seeded with (seed, optimizer step, round, process), so a resumed run draws the same.
+        """
+        args: ConSPOConfig = self.args
+        g = self.num_generations
+        target = batch["conspo_correct"].shape[0] // g
+        pieces = [batch]
+        chosen = [(0, k) for k in _mixed_groups(batch, g)]
+        rounds = 0
+        used: set[str] | None = None  # prompts of this generation batch on every process: not drawn again
+        while args.dynamic_sampling and rounds < args.dynamic_sampling_max_rounds:
+            fewest = self._reduce_int(len(chosen), "min")
+            if fewest >= target:
+                break
+            if used is None:
+                local = [repr(row["prompt"]) for row in generation_batch]
+                used = set(gather_object(local) if self.accelerator.num_processes > 1 else local)
+            rounds += 1
+            extra = self._generate_and_score_completions(self._draw_prompts(target, rounds, used))
+            pieces.append(extra)
+            chosen += [(len(pieces) - 1, k) for k in _mixed_groups(extra, g)]
+        steps = args.steps_per_generation
+        kept = min(self._reduce_int(len(chosen), "min"), target) // steps * steps
+        generated = self._reduce_int(len(pieces) * target, "sum")
+        world_kept = kept * self.accelerator.num_processes
+        metrics = self._metrics["train"]
+        metrics["conspo/dynamic_rounds"].append(float(rounds))
+        metrics["conspo/groups_generated"].append(float(generated))
+        metrics["conspo/groups_kept"].append(float(world_kept))
+        metrics["conspo/kept_frac"].append(world_kept / max(1, generated))
+        metrics["conspo/rollouts_generated"].append(float(generated * g))
+        if kept == 0:
+            # Nothing to train on: the step runs on the batch as generated (zero loss, zero gradient for every
+            # objective here), and the no-signal counter warns when this repeats.
+            return batch
+        if kept < target and self.accelerator.is_main_process:
+            why = (f"after {rounds} extra generation round(s) (dynamic_sampling_max_rounds="
+                   f"{args.dynamic_sampling_max_rounds})" if args.dynamic_sampling else "(drop_degenerate_groups)")
+            logger.warning("training on %d mixed group(s) per process instead of %d %s: the others were all correct "
+                           "or all wrong%s.", kept, target, why,
+                           "" if kept % steps == 0 and len(chosen) == kept else
+                           f"; kept a multiple of steps_per_generation ({steps}), the same on every process")
+        selected = _concat_groups([(pieces[i], k) for i, k in chosen[:kept]], g, self._tokenizer.pad_token_id)
+        rank = self.accelerator.process_index
+        selected["conspo_group_ids"] = rank * kept + torch.arange(kept * g, device=selected["conspo_group_ids"].device) // g
+        if "num_items_in_batch" in batch:  # TRL's token count over the generation batch on all processes
+            selected["num_items_in_batch"] = self.accelerator.gather(_loss_mask(selected).sum()).sum()
+        return selected
+
+    def _reduce_int(self, value: int, how: str) -> int:
+        t = torch.tensor([value], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            op = torch.distributed.ReduceOp.MIN if how == "min" else torch.distributed.ReduceOp.SUM
+            torch.distributed.all_reduce(t, op=op)
+        return int(t.item())
+
+    def _draw_prompts(self, count: int, round_: int, used: set[str]) -> list[dict]:
+        """``count`` train prompts for this process, each repeated num_generations times as TRL's sampler lays them
+        out. All processes walk one permutation seeded by (seed, optimizer step, round), skip the prompts already in
+        the generation batch (``used``, updated) and take consecutive slices, so no prompt appears twice in a
+        generation batch while the train set has enough of them, and a resumed run draws the same prompts."""
+        dataset = self.train_dataset
+        generator = torch.Generator().manual_seed(hash((self.args.seed, self.state.global_step, round_)) % (2**63))
+        wanted = count * self.accelerator.num_processes
+        picked: list[int] = []
+        for i in torch.randperm(len(dataset), generator=generator).tolist():
+            key = repr(dataset[i]["prompt"])
+            if key not in used:
+                used.add(key)
+                picked.append(i)
+                if len(picked) == wanted:
+                    break
+        while len(picked) < wanted:  # a train set smaller than the batch: repeat prompts rather than stall
+            picked.append(picked[len(picked) % max(1, len(picked))] if picked else 0)
+        rank = self.accelerator.process_index
+        rows = [dataset[i] for i in picked[rank * count : (rank + 1) * count]]
+        return [row for row in rows for _ in range(self.num_generations)]
 
     def _split_generation_batch(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
         """Shuffle and cut the local generation batch into ``steps_per_generation`` micro-batches so that every
@@ -817,3 +942,59 @@ class _AutoTau(TrainerCallback, ExportableState):
 
     def state(self) -> dict:
         return {"args": {}, "attributes": {"tau": self.tau}}
+
+
+def _mixed_groups(batch: dict[str, Any], g: int) -> list[int]:
+    """Indices of the local groups (contiguous runs of g rows, as TRL's sampler lays them out) that hold a kept
+    correct and a kept incorrect rollout."""
+    keep = batch["conspo_keep"].view(-1, g)
+    correct = batch["conspo_correct"].view(-1, g)
+    mixed = (correct & keep).any(1) & (~correct & keep).any(1)
+    return mixed.nonzero().flatten().tolist()
+
+
+def _mixed_rows(batch: dict[str, Any], g: int) -> torch.Tensor:
+    """(B,) bool: the row belongs to a mixed group (whole groups of g contiguous rows)."""
+    keep = batch["conspo_keep"].view(-1, g)
+    correct = batch["conspo_correct"].view(-1, g)
+    mixed = (correct & keep).any(1) & (~correct & keep).any(1)
+    return mixed.repeat_interleave(g)
+
+
+# Per-token tensors are right-padded like completions; prompt tensors left-padded. Values used for padding.
+_LEFT_PADDED = {"prompt_ids": "pad", "prompt_mask": 0}
+
+
+def _concat_groups(parts: list[tuple[dict[str, Any], int]], g: int, pad_id: int) -> dict[str, Any]:
+    """The rows of the chosen groups (batch, local group index) from batches generated in different rounds, padded
+    to common widths: prompts on the left, completions and per-token values on the right."""
+    first = parts[0][0]
+    out: dict[str, Any] = {}
+    for key, value in first.items():
+        n = first["conspo_correct"].shape[0]
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == n:
+            rows = [b[key][k * g : (k + 1) * g] for b, k in parts]
+            if value.dim() == 1:
+                out[key] = torch.cat(rows)
+                continue
+            width = max(r.shape[1] for r in rows)
+            left = key in _LEFT_PADDED
+            fill = pad_id if ("_ids" in key and key != "conspo_group_ids") else 0
+            padded = []
+            for r in rows:
+                extra = width - r.shape[1]
+                pad = torch.full((r.shape[0], extra, *r.shape[2:]), fill, dtype=r.dtype, device=r.device)
+                padded.append(torch.cat([pad, r] if left else [r, pad], dim=1))
+            out[key] = torch.cat(padded)
+        elif isinstance(value, list) and len(value) == n:
+            out[key] = [b[key][i] for b, k in parts for i in range(k * g, (k + 1) * g)]
+        else:
+            out[key] = value
+    return out
+
+
+def _trl_split(batch: dict[str, Any], steps: int) -> list[dict[str, Any]]:
+    """TRL's own shuffle and split of a generation batch (GRPOTrainer._prepare_inputs), for TRL's losses."""
+    from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
+
+    return split_tensor_dict(shuffle_sequence_dict(batch), steps)
