@@ -16,10 +16,15 @@ def main(model_dir: str, out_dir: str, objective: str = "conspo") -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = Dataset.from_dict({"prompt": [f"{i % 10}+{i // 10}=" for i in range(64)]})
-    # 2 processes x 6 rollouts = 12 = 3 groups of 4: the middle group is split between the ranks.
-    trainer = make_trainer(Path(model_dir), out / "run", build_tokenizer(), dataset, odd_digit_parity,
-                           per_device_train_batch_size=6, gradient_accumulation_steps=1, num_iterations=2,
-                           max_steps=2, objective=objective)
+    if objective == "conspo-dynamic":
+        # Dynamic sampling: whole groups on each rank (8 rollouts = 2 groups), extra rounds drawn on both ranks.
+        settings = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=2,
+                        dynamic_sampling=True, dynamic_sampling_max_rounds=2)
+    else:
+        # 2 processes x 6 rollouts = 12 = 3 groups of 4: the middle group is split between the ranks.
+        settings = dict(per_device_train_batch_size=6, gradient_accumulation_steps=1, num_iterations=2,
+                        max_steps=2, objective=objective)
+    trainer = make_trainer(Path(model_dir), out / "run", build_tokenizer(), dataset, odd_digit_parity, **settings)
     trainer.train()
     rank = trainer.accelerator.process_index
     torch.save({

@@ -218,6 +218,23 @@ def test_resume_inside_a_multi_step_generation_batch_is_exact(tiny_dir, tmp_path
     assert_same_run(run, reference)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["conspo", "dapo"])
+def test_resume_with_dynamic_sampling_is_exact(tiny_dir, tmp_path, method):
+    """Dynamic sampling draws its extra prompts from a generator seeded by (seed, step, round): a run cut after
+    checkpoint-2 (as a SIGKILL leaves it) and resumed ends bit-identical to the uninterrupted run."""
+    reference = tmp_path / "reference"
+    extra = dict(dynamic_sampling=True, dynamic_sampling_max_rounds=2) if method == "conspo" else {}
+    summary = train(model=str(tiny_dir), task="arithmetic", method=method, output_dir=reference, max_steps=4,
+                    seed=0, config={**CONFIG, **extra}, eval_limit=20)
+    rounds = [r["conspo/dynamic_rounds"] for r in records(reference / "metrics.jsonl") if "conspo/dynamic_rounds" in r]
+    assert len(rounds) == 4 and summary["steps"] == 4
+    run = crashed_copy(reference, tmp_path / "run", keep_up_to=2)
+    train(model=str(tiny_dir), task="arithmetic", method=method, output_dir=run, max_steps=4, seed=0,
+          config={**CONFIG, **extra}, eval_limit=20, resume=True)
+    assert_same_run(run, reference)
+
+
 def test_heldout_evaluation_consumes_no_random_numbers(tiny_dir):
     """The held-out callback runs greedy generation between training steps: it must not move the RNG that
     sampling uses, or the evaluation schedule would change the training run."""

@@ -102,7 +102,7 @@ def test_reported_loss_is_the_objective(model_dir, tmp_path):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("objective", ["conspo", "gmpo"])
+@pytest.mark.parametrize("objective", ["conspo", "gmpo", "conspo-dynamic"])
 def test_two_processes_with_straddling_groups(model_dir, tmp_path, objective):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     if torchrun is None:
@@ -116,11 +116,22 @@ def test_two_processes_with_straddling_groups(model_dir, tmp_path, objective):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
-    assert ranks[0]["group_batching"] == "credit"
-    # groups straddle processes: some group id appears on both ranks
     ids0 = torch.cat([b["conspo_group_ids"] for b in ranks[0]["batches"][0]])
     ids1 = torch.cat([b["conspo_group_ids"] for b in ranks[1]["batches"][0]])
-    assert set(ids0.tolist()) & set(ids1.tolist()), "the set-up was meant to split a group across processes"
+    if objective == "conspo-dynamic":
+        assert ranks[0]["group_batching"] == "whole_groups"
+        assert not set(ids0.tolist()) & set(ids1.tolist()), "group ids must stay unique across processes"
+        rows = [sum(b["conspo_correct"].shape[0] for b in r["batches"][0]) for r in ranks]
+        assert rows[0] == rows[1], "every process must train on the same number of rows"
+        for r in ranks:  # every group reaching the loss is mixed, from its rollouts' correctness
+            for batch in r["batches"][0]:
+                for gid in batch["conspo_group_ids"].unique():
+                    c = batch["conspo_correct"][batch["conspo_group_ids"] == gid]
+                    assert c.any() and not c.all()
+    else:
+        assert ranks[0]["group_batching"] == "credit"
+        # groups straddle processes: some group id appears on both ranks
+        assert set(ids0.tolist()) & set(ids1.tolist()), "the set-up was meant to split a group across processes"
     config = ranks[0]["config"]
     signal = 0.0
     for t in range(len(ranks[0]["grads"])):
