@@ -1,4 +1,4 @@
-"""Evaluation metrics (spec section 11) as pure functions of per-sample outcomes; standard library only.
+"""Evaluation metrics (docs/objectives.md, section 11) as pure functions of per-sample outcomes; standard library only.
 
 Every metric at ``k`` is the expectation over a uniformly random k-subset of the ``n`` samples drawn for a
 problem, computed exactly (no resampling, no dependence on sample order):

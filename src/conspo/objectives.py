@@ -69,7 +69,7 @@ class LossOutput:
 
     loss:    0-d tensor, the true value of the objective (to minimise), differentiable in ``scores``.
     credit:  (B,) ``-dloss/dscores`` in closed form, detached. Positive credit raises a rollout's score.
-    metrics: detached 0-d tensors (spec section 10), keyed by plain names such as ``"score_gap"``.
+    metrics: detached 0-d tensors (docs/objectives.md, section 10), keyed by plain names such as ``"score_gap"``.
     """
 
     loss: Tensor
@@ -78,7 +78,7 @@ class LossOutput:
 
 
 class TrustRegion(NamedTuple):
-    """``penalty`` carries the gradient of spec section 6; ``kl`` is the detached KL(pi_old || pi) estimate."""
+    """``penalty`` carries the gradient of docs/objectives.md, section 6; ``kl`` is the detached KL(pi_old || pi) estimate."""
 
     penalty: Tensor
     kl: Tensor
@@ -228,7 +228,7 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
 
 
 def sequence_scores(logps: Tensor, mask: Tensor) -> Tensor:
-    """Length-normalised sequence log-probability (spec section 4).
+    """Length-normalised sequence log-probability (docs/objectives.md, section 4).
 
     ``s_i = (1/|o_i|) * sum_t logp_{i,t}``, computed in float32 (float64 stays float64).
 
@@ -299,7 +299,7 @@ def conspo_loss(
     group_norm: str = "valid",
     normalizer: float | Tensor | None = None,
 ) -> LossOutput:
-    """ConSPO's group-wise InfoNCE objective on sequence scores (spec section 4).
+    """ConSPO's group-wise InfoNCE objective on sequence scores (docs/objectives.md, section 4).
 
     For a group with positives P and negatives N, each positive i is contrasted with N only::
 
@@ -375,7 +375,7 @@ def disco_loss(
     group_norm: str = "valid",
     normalizer: float | Tensor | None = None,
 ) -> LossOutput:
-    """DisCO's discriminative objective on sequence scores (spec section 7; Li et al., arXiv 2505.12366).
+    """DisCO's discriminative objective on sequence scores (docs/objectives.md, section 7; Li et al., arXiv 2505.12366).
 
     Per valid group the objective to maximise is::
 
@@ -429,7 +429,7 @@ def _neg_entropy(pi: Tensor, neg: Tensor, groups: _Groups, dtype: torch.dtype) -
 def separation_metrics(
     scores: Tensor, correct: Tensor, group_ids: Tensor, *, _groups_cache: _Groups | None = None
 ) -> dict[str, Tensor]:
-    """Diagnostics shared by every method (spec section 10), detached 0-d tensors.
+    """Diagnostics shared by every method (docs/objectives.md, section 10), detached 0-d tensors.
 
     * ``score_gap``: mean over valid groups of ``mean_P s - mean_N s``.
     * ``auc``: mean over valid groups of the group's separation AUC, the fraction of (positive, negative)
@@ -438,7 +438,7 @@ def separation_metrics(
     * ``reward_mean``: fraction of correct rollouts.
     * ``score_sd``: median over groups of two rows or more of the within-group standard deviation of the scores
       (population sd; the mean of the two middle values for an even count; 0 with no such group). Added here, not
-      in the spec: ConSPO's tau is calibrated from it at the start of training (docs/results.md).
+      in the paper: ConSPO's tau is calibrated from it at the start of training (docs/results.md).
 
     With no valid group, ``score_gap`` is 0 and ``auc`` is 0.5 (no information).
     """
@@ -553,7 +553,7 @@ def margin_at(
 def kl_trust_region(
     logps: Tensor, old_logps: Tensor, mask: Tensor, *, delta: float = 1e-4, beta: float = 1e3
 ) -> TrustRegion:
-    """DisCO's squared-hinge trust region on KL(pi_old || pi_theta) (spec section 6).
+    """DisCO's squared-hinge trust region on KL(pi_old || pi_theta) (docs/objectives.md, section 6).
 
     ``KL`` is the token mean of ``old_logps - logps`` over all masked tokens of the batch, and::
 
@@ -584,7 +584,7 @@ def kl_trust_region(
 
 
 def grpo_credit(correct: Tensor, group_ids: Tensor) -> Tensor:
-    """GRPO's per-rollout coefficient in the discriminative view (spec section 3), as float32 (B,).
+    """GRPO's per-rollout coefficient in the discriminative view (docs/objectives.md, section 3), as float32 (B,).
 
     With binary rewards, population-std advantages and the per-sequence token mean, GRPO's per-group
     objective is ``sqrt(p(1-p)) * (mean_P s+ - mean_N s-)``, so each positive gets ``sqrt((1-p)/p)/G`` and

@@ -1,11 +1,12 @@
-"""ConSPO and DisCO on TRL's ``GRPOTrainer``, with exact group-coupled gradients.
+"""ConSPO, DisCO and GMPO on TRL's ``GRPOTrainer``, with exact group-coupled gradients.
 
 TRL does generation (vLLM or transformers), rewards, accelerate/DeepSpeed, PEFT, logging and
-checkpoints; this subclass only changes what a group-coupled loss needs (spec section 9):
+checkpoints; this subclass only changes what its own objectives need (docs/objectives.md, section 9):
 
 1. Each rollout's correctness (thresholded reward) and group id ride along in the generation batch
-   (``conspo_correct``, ``conspo_group_ids``, ``conspo_keep``).
-2. Two exact strategies, chosen by ``group_batching``:
+   (``conspo_correct``, ``conspo_group_ids``, ``conspo_keep``). A row with no token left in its loss mask is not
+   kept: it leaves its group for the loss and every diagnostic, for every objective.
+2. Every optimizer step holds whole groups. Two exact strategies, chosen by ``group_batching``:
 
    * ``whole_groups`` (the default whenever ``per_device_train_batch_size % num_generations == 0``):
      rows are shuffled at *group* granularity before the generation batch is cut into
@@ -18,13 +19,17 @@ checkpoints; this subclass only changes what a group-coupled loss needs (spec se
      scores are gathered over processes, and the closed-form credit ``c = -dL/ds`` of the full batch is
      attached to each row. Each micro-batch then back-propagates the surrogate ``-sum_i c_i s_i``,
      whose gradient is exactly that of the full-batch loss. Costs one extra forward pass per step.
+     With several optimizer steps per generation batch, groups (not rows) are shuffled here too.
 
 3. Losses are multiplied by the world size because DDP averages gradients over processes, so the
-   micro-batch losses add up to exactly ``conspo_loss`` on the full batch, for any gradient
+   micro-batch losses add up to exactly the objective on the full batch, for any gradient
    accumulation, any ``num_iterations`` and any number of processes. The logged loss is its value.
+4. Dynamic sampling (``dynamic_sampling``) and ``drop_degenerate_groups`` select mixed groups after scoring, for
+   every objective; the margin is read once per generation batch; ``tau="auto"`` is measured once and checkpointed.
 
 The GRPO-family baselines run TRL's own loss (``objective="trl"``); this class only adds the shared
-diagnostics (score gap, separation AUC) so every method can be plotted alike.
+diagnostics (score gap, separation AUC) so every method can be plotted alike, and is bit-identical to
+``GRPOTrainer`` for them unless dynamic sampling or dropping is asked for.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ SUPPORTED_TRL = ((1, 16), (1, 17))  # [low, high)
 NO_SIGNAL_WARN_STEPS = 10  # warn after this many consecutive optimizer steps without a mixed group
 
 # GRPOConfig fields that only TRL's own loss reads. Under objective conspo/disco/gmpo they would change nothing, so a
-# value other than TRL's default is refused (spec section 9: never train silently on another objective than asked).
+# value other than TRL's default is refused (docs/objectives.md, section 9: never train silently on another objective than asked).
 # Checked against TRL 1.16's GRPOConfig and GRPOTrainer._compute_loss.
 TRL_LOSS_FIELDS = (
     "loss_type", "epsilon", "epsilon_high", "delta", "importance_sampling_level",
