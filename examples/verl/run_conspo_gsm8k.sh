@@ -21,20 +21,21 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 N=${N:-8}                                     # rollouts per prompt: the group size G
 PROMPTS=${PROMPTS:-128}                       # prompts per training step; a multiple of NNODES * GPUS_PER_NODE
 MINI=${MINI:-32}                              # prompts per optimizer step (4 per generation batch, as DisCO);
-                                              # a multiple of NNODES * GPUS_PER_NODE
-TOTAL_STEPS=${TOTAL_STEPS:-300}               # also the length of ConSPO's margin curriculum
+                                              # a multiple of NNODES * GPUS_PER_NODE. ConSPO has no trust region
+                                              # by default: the 3 later steps train on rollouts of an older policy
+                                              # (MINI=$PROMPTS avoids it; or add ...conspo.trust_region=True)
+TOTAL_STEPS=${TOTAL_STEPS:-300}               # also the horizon of ConSPO's margin curriculum (its first 30%)
 LR=${LR:-1e-6}
 
+# The options default to the ConSPO paper's (and the TRL trainer's): tau 10, a cosine margin from 0 to 0.01 over
+# the first 30% of training, no trust region for ConSPO; DisCO-DRO with tau 10 and its KL trust region. They take
+# the TRL trainer's names, e.g. +actor_rollout_ref.actor.policy_loss.conspo.margin_max=0.02 (docs/verl.md).
 case "$METHOD" in
   conspo) OPTIONS=(
-      +actor_rollout_ref.actor.policy_loss.conspo.tau=0.1
-      +actor_rollout_ref.actor.policy_loss.conspo.margin_schedule=linear
-      +actor_rollout_ref.actor.policy_loss.conspo.m_max=0.1
-      +actor_rollout_ref.actor.policy_loss.conspo.total_steps="$TOTAL_STEPS"
+      +actor_rollout_ref.actor.policy_loss.conspo.total_steps="$TOTAL_STEPS"   # required: the margin's horizon
     ) ;;
   disco) OPTIONS=(
-      +actor_rollout_ref.actor.policy_loss.disco.tau=10
-      +actor_rollout_ref.actor.policy_loss.disco.variant=dro
+      +actor_rollout_ref.actor.policy_loss.disco.disco_variant=dro
     ) ;;
   *) echo "METHOD must be conspo or disco, got $METHOD" >&2; exit 2 ;;
 esac
@@ -54,7 +55,7 @@ ARGS=(
   actor_rollout_ref.actor.use_dynamic_bsz=False                       # required
   actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=False            # verl asserts it equals the actor's
   actor_rollout_ref.actor.shuffle=False                               # required
-  # The objective is the whole loss: no entropy bonus, no reference KL, no in-reward KL (spec section 6).
+  # The objective is the whole loss: no entropy bonus, no reference KL, no in-reward KL (the objectives have none).
   actor_rollout_ref.actor.entropy_coeff=0
   actor_rollout_ref.actor.use_kl_loss=False
   algorithm.use_kl_in_reward=False
