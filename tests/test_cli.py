@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conspo.run import RunError, prepare_output_dir, train
+from conspo.run import RunError, check_output_dir, plan_run, prepare_output_dir, train
 
 
 def test_help_imports_neither_torch_nor_transformers():
@@ -45,7 +45,7 @@ def test_unknown_method_is_rejected_by_the_parser():
         (dict(task="no_such_task"), "unknown task 'no_such_task'"),
         (dict(dataset="/nonexistent/data.jsonl"), "no such file"),
         (dict(model="/nonexistent/model"), "not a model directory"),
-        (dict(max_steps=0), "--max-steps must be >= 1"),
+        (dict(max_steps=0), "--max-steps must be an integer >= 1, got 0"),
         (dict(template="fancy"), "template must be 'plain' or 'chat'"),
     ],
 )
@@ -73,25 +73,41 @@ def test_yaml_config_with_unknown_field(tmp_path):
 
 def test_output_dir_holding_another_run(tmp_path):
     out = tmp_path / "run"
-    identity = {"method": "conspo", "task": "arithmetic", "model": "embedded-tiny", "seed": 0}
-    prepare_output_dir(out, identity, resume=False, overwrite=False)
+    plan = plan_run(output_dir=out)
+    assert check_output_dir(plan, resume=False, overwrite=False) == "new"
+    prepare_output_dir(plan, "new")
+    assert json.loads((out / "run.json").read_text())["config_hash"] == plan.config_hash
     (out / "metrics.jsonl").write_text("{}\n")
-    with pytest.raises(RunError, match="pass --resume to continue it or --overwrite"):
-        prepare_output_dir(out, identity, resume=False, overwrite=False)
-    with pytest.raises(RunError, match="holds a different run"):
-        prepare_output_dir(out, {**identity, "seed": 1}, resume=True, overwrite=False)
-    prepare_output_dir(out, identity, resume=True, overwrite=False)  # the same run resumes
+    with pytest.raises(RunError, match="pass --resume to continue it, --overwrite to delete it and start again"):
+        check_output_dir(plan, resume=False, overwrite=False)
+    other = plan_run(output_dir=out, seed=1)
+    with pytest.raises(RunError, match=r"holds a run with other settings: seed \(saved 0, now 1\)\. "):
+        check_output_dir(other, resume=True, overwrite=False)
+    assert check_output_dir(plan, resume=True, overwrite=False) == "resume"  # the same run resumes
     assert (out / "metrics.jsonl").exists()
-    prepare_output_dir(out, {**identity, "seed": 1}, resume=False, overwrite=True)
-    assert not (out / "metrics.jsonl").exists()
+    assert check_output_dir(other, resume=False, overwrite=True) == "replace"
+    prepare_output_dir(other, "replace")
+    assert not (out / "metrics.jsonl").exists() and json.loads((out / "run.json").read_text())["seed"] == 1
+
+
+def test_a_run_recorded_before_its_settings_were_kept_resumes_on_its_identity(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"method": "conspo", "task": "arithmetic", "model": "embedded-tiny",
+                                              "seed": 0}))
+    assert check_output_dir(plan_run(output_dir=out), resume=True, overwrite=False) == "resume"
+    with pytest.raises(RunError, match=r"method \(saved 'conspo', now 'grpo'\)"):
+        check_output_dir(plan_run(method="grpo", output_dir=out), resume=True, overwrite=False)
 
 
 def test_foreign_directory_is_not_overwritten(tmp_path):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(RunError, match="holds no conspo run"):
-        prepare_output_dir(out, {"method": "conspo"}, resume=False, overwrite=False)
+    for overwrite in (False, True):
+        with pytest.raises(RunError, match="holds no conspo run") as err:
+            check_output_dir(plan_run(output_dir=out), resume=False, overwrite=overwrite)
+        assert "--overwrite" not in str(err.value)
     assert (out / "notes.txt").read_text() == "mine"
 
 

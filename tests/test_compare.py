@@ -23,6 +23,8 @@ def test_parse_methods_rejects_unknown_and_duplicates():
         parse_methods("conspo,ppo")
     with pytest.raises(RunError, match="names a method twice"):
         parse_methods("grpo,grpo")
+    with pytest.raises(RunError, match=r"--methods ',' names no method; give comma-separated methods from: conspo"):
+        parse_methods(",")
 
 
 def test_k_larger_than_samples_is_refused(tmp_path):
@@ -58,7 +60,8 @@ def test_compare_writes_table_and_figures_and_reuses_runs(tmp_path, capsys):
         for name in ("avg@1", "pass@2", "maj@2"):
             assert float(row[f"{name}_mean"]) == pytest.approx(sum(e["overall"][name] for e in evals) / 2)
     table = (out / "results.md").read_text()
-    assert table.startswith("| method | seeds | steps | held-out before | held-out after | gain (points) | avg@1 |")
+    assert table.startswith("Task: arithmetic (held-out accuracy on 20 test problems); model: ")
+    assert "\n| method | seeds | steps | held-out before | held-out after | gain (points) | avg@1 |" in table
 
     # An interrupted comparison: one run lost its summary (as if killed), the others are reused.
     finished = out / "grpo" / "seed0" / "summary.json"

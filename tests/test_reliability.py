@@ -326,13 +326,16 @@ def test_disk_full_at_the_final_save_with_model_only_checkpoints(tiny_dir, tmp_p
 
 def test_interrupted_compare_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
     import conspo.compare as compare_module
+    from conspo.run import check_output_dir, plan_run, prepare_output_dir
 
     calls = []
 
-    def fake_train(*, method, seed, output_dir, resume, **options):
+    def fake_train(*, method, seed, output_dir, resume, overwrite, **options):
         calls.append((method, resume))
         run = Path(output_dir)
-        run.mkdir(parents=True, exist_ok=True)
+        if not resume:  # run.json first, as the real train writes it
+            plan = plan_run(method=method, seed=seed, output_dir=output_dir, **options)
+            prepare_output_dir(plan, check_output_dir(plan, resume=resume, overwrite=overwrite))
         (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval/heldout_accuracy": 0.5}) + "\n")
         if method == "grpo" and len(calls) == 2:
             raise KeyboardInterrupt  # the kill, half-way through the second run

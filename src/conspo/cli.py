@@ -1,7 +1,12 @@
 """`conspo train | eval | compare`: argument parsing and dispatch only.
 
-Nothing heavy is imported at module level, so ``conspo --help`` answers without loading torch or
-transformers; each command imports its implementation when it runs.
+``conspo --help`` and ``conspo eval`` import nothing heavy here. ``conspo train`` and ``conspo compare`` take every
+``ConSPOConfig`` field (so every TRL ``GRPOConfig`` / ``TrainingArguments`` field) as a flag, through
+``transformers.HfArgumentParser`` over the config dataclass as ``trl grpo`` does; building that parser imports
+the config class (torch, transformers, TRL), so it is built only when one of those two commands is asked for.
+
+Precedence of a setting, lowest first: conspo's defaults, the method's preset, the ``--config`` YAML, the flags
+given on the command line. Only flags given explicitly override the YAML: the parser's defaults never do.
 """
 
 from __future__ import annotations
@@ -20,39 +25,160 @@ _HANDLERS = {
     "eval": "conspo.evaluation:eval_command",
     "compare": "conspo.compare:compare_command",
 }
+_HELP = {
+    "train": "train a causal LM with ConSPO or a baseline (no options: embedded default)",
+    "eval": "evaluate a checkpoint: avg@k, unbiased pass@k, maj@k",
+    "compare": "train and evaluate several methods on the same data, budget and seeds",
+}
+DESCRIPTION = ("ConSPO and its baselines (GRPO, Dr.GRPO, DAPO, GSPO, CISPO, SAPO, GMPO, DisCO) for RL with "
+               "verifiable rewards.")
+FIELDS_GROUP = ("ConSPOConfig fields (TRL GRPOConfig and transformers TrainingArguments included; also settable "
+                "in the --config YAML, and a flag given here wins over the YAML)")
+# Config fields that are script options of conspo train (the same flag, conspo's default and meaning).
+JOB_FIELDS = ("output_dir", "seed", "max_steps", "report_to")
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
+class _Refuse(argparse.Action):
+    """A flag a command does not take, refused with the reason and what to use instead."""
+
+    def __init__(self, option_strings, dest, reason: str = "", **kwargs):
+        self.reason = reason
+        kwargs.setdefault("nargs", "?")
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: {self.reason}")
+
+
+def _add_source_options(p) -> None:
     p.add_argument("--model", default=None, help="Hugging Face id or local path (default: the embedded tiny model)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--task", default=None, help="built-in task: arithmetic (default) or arithmetic_worked; or reasoning_gym:<name>")
+    src.add_argument("--task", default=None,
+                     help="built-in task: arithmetic (default) or arithmetic_worked; or reasoning_gym:<name>")
     src.add_argument("--dataset", default=None, help="local JSONL or Parquet file with question and answer fields")
-    p.add_argument("--question-field", default=None, help="dataset field holding the question")
-    p.add_argument("--answer-field", default=None, help="dataset field holding the answer or solution")
-    p.add_argument("--template", choices=("plain", "chat"), default=None, help="prompt template")
-    p.add_argument("--method", choices=METHODS, default="conspo", help="objective or baseline preset")
-    p.add_argument("--config", default=None, help="YAML file of ConSPOConfig / GRPOConfig fields (TRL style)")
-    p.add_argument("--output-dir", default=None, help="where checkpoints, metrics and plots go")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the task's budget)")
-    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
-    p.add_argument("--overwrite", action="store_true", help="allow an --output-dir that holds another run")
-    p.add_argument("--report-to", default="none", help="none, tensorboard, wandb or trackio (where installed)")
+    p.add_argument("--question-field", "--question_field", dest="question_field", default=None,
+                   help="dataset field holding the question")
+    p.add_argument("--answer-field", "--answer_field", dest="answer_field", default=None,
+                   help="dataset field holding the answer or solution")
+    p.add_argument("--template", choices=("plain", "chat"), default=None, help="prompt template (default: plain)")
+    p.add_argument("--config", default=None,
+                   help="YAML file of ConSPOConfig / GRPOConfig fields (TRL style); flags given explicitly win over it")
+    p.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
+                   help="optimizer steps (default: the YAML's max_steps, else the task's budget)")
+    p.add_argument("--report-to", "--report_to", dest="report_to", default=None,
+                   help="none (default), tensorboard, wandb or trackio (where installed)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters through peft")
-    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-r", "--lora_r", dest="lora_r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--eval-every", "--eval_every", dest="eval_every", type=int, default=None,
+                   help="greedy held-out (and validation) accuracy every N optimizer steps; 0: only before and after "
+                        "training (default: max_steps // 6)")
+    p.add_argument("--eval-limit", "--eval_limit", dest="eval_limit", type=int, default=500,
+                   help="held-out problems in each of those evaluations (the first N test problems)")
+    p.add_argument("--val-size", "--val_size", dest="val_size", type=int, default=0,
+                   help="set N train problems aside (a split drawn with a fixed seed, the same for every method "
+                        "and seed) as a validation split, evaluated with the held-out problems; the checkpoint with "
+                        "the best validation accuracy is kept in best/ and its test accuracy reported. 0: off")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="conspo",
-        description="ConSPO and its baselines (GRPO, Dr.GRPO, DAPO, GSPO, CISPO, SAPO, GMPO, DisCO) for RL with "
-                    "verifiable rewards.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,compare}")
-    train = sub.add_parser("train", help="train a causal LM with ConSPO or a baseline (no options: embedded default)")
-    _add_train_options(train)
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something: not ``None``, and not the dataclass's where conspo has its own."""
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint: avg@k, unbiased pass@k, maj@k")
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or getattr(action, "conspo_default", False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _conspo_defaults() -> dict[str, str]:
+    """field -> conspo's default where it differs from the dataclass's (shown in the help of that flag)."""
+    from conspo.run import COMPUTED_DEFAULTS, FIXED_DEFAULTS, PRETRAINED_DEFAULTS
+    from conspo.tasks.tiny_model import DEFAULT_RL
+
+    notes: dict[str, list[str]] = {}
+    for name, value in DEFAULT_RL.items():
+        notes.setdefault(name, []).append(f"{value} with the embedded model")
+    for name, value in PRETRAINED_DEFAULTS.items():
+        notes.setdefault(name, []).append(f"{value} with --model")
+    for name, value in FIXED_DEFAULTS.items():
+        notes.setdefault(name, []).append(str(value))
+    for name, text in COMPUTED_DEFAULTS.items():
+        notes.setdefault(name, []).append(text)
+    return {name: ", ".join(values) for name, values in notes.items()}
+
+
+def _config_parser(prog: str, description: str, usage: str):
+    """An ``HfArgumentParser`` over ``ConSPOConfig`` (every field a flag, with its help), in its own group."""
+    from transformers import HfArgumentParser
+
+    from conspo.trainer import ConSPOConfig
+
+    class Fields(ConSPOConfig):  # the same dataclass fields; only the help group is named
+        _argument_group_name = FIELDS_GROUP
+
+    parser = HfArgumentParser(Fields, prog=prog, description=description, usage=usage, allow_abbrev=False,
+                              conflict_handler="resolve", formatter_class=_Formatter)
+    ours = _conspo_defaults()
+    for action in parser._actions:  # the dataclass default is shown; say where conspo's differs
+        if action.dest in ours and action.help is not None:
+            action.help = f"{action.help} (conspo's default: {ours[action.dest]}; the method's preset may set it)"
+            action.conspo_default = True
+    return parser
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = _config_parser("conspo train", _HELP["train"] + ". Precedence: conspo's defaults < the method's preset < "
+                       "--config YAML < flags given on the command line.",
+                       "%(prog)s [--method METHOD] [--model MODEL] [--task TASK | --dataset FILE] [--config YAML] "
+                       "[--output-dir DIR] [--seed N] [--max-steps N] [--resume | --overwrite] [--val-size N] "
+                       "[--<ConSPOConfig field> VALUE ...]")
+    p.add_argument("--method", choices=METHODS, default="conspo", help="objective or baseline preset")
+    _add_source_options(p)
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
+                   help="where checkpoints, metrics and plots go (default: the YAML's output_dir, else "
+                        "runs/<method>-<task>-seed<seed>)")
+    p.add_argument("--seed", type=int, default=None, help="run seed (default: the YAML's seed, else 0)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its newest complete checkpoint; refused when the "
+                        "run was recorded with other settings")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the conspo run in --output-dir and start again (never a directory that holds no "
+                        "conspo run, the working directory or one holding an input of the run)")
+    p.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", action=_Refuse,
+                   reason="not read by conspo; pass --resume to continue the run in --output-dir",
+                   help=argparse.SUPPRESS)
+    return p
+
+
+def build_compare_parser() -> argparse.ArgumentParser:
+    p = _config_parser("conspo compare", _HELP["compare"] + ". Finished runs with the same settings are reused, "
+                       "unfinished ones resumed, runs recorded with other settings trained again.",
+                       "%(prog)s [--methods A,B,...] [--seeds N] [--model MODEL] [--task TASK | --dataset FILE] "
+                       "[--config YAML] [--output-dir DIR] [--max-steps N] [--eval-samples N] [--k K,...] "
+                       "[--val-size N] [--<ConSPOConfig field> VALUE ...]")
+    p.add_argument("--methods", default="conspo,disco,grpo,dapo,gspo", help="comma-separated methods")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds: runs with seeds 0..N-1")
+    p.add_argument("--eval-samples", "--eval_samples", dest="eval_samples", type=int, default=4,
+                   help="completions sampled per held-out problem from each final checkpoint (0: greedy only)")
+    p.add_argument("--k", default="1,4", help="comma-separated k values of avg@k, pass@k and maj@k")
+    _add_source_options(p)
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="runs/compare",
+                   help="the comparison's directory: <method>/seed<k>/ runs, results.md, results.csv, figures")
+    refused = {
+        "--method": "conspo compare takes --methods (comma-separated), not --method",
+        "--seed": "conspo compare runs seeds 0..N-1 with --seeds N, not --seed",
+        "--resume": "conspo compare resumes unfinished runs by itself; rerun the same command",
+        "--overwrite": "conspo compare trains again every run recorded with other settings by itself; for a "
+                       "separate comparison choose another --output-dir",
+    }
+    for flag, reason in refused.items():
+        p.add_argument(flag, action=_Refuse, reason=reason, help=argparse.SUPPRESS)
+    p.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", action=_Refuse,
+                   reason="conspo compare resumes unfinished runs by itself", help=argparse.SUPPRESS)
+    return p
+
+
+def build_eval_parser(ev: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    ev = ev or argparse.ArgumentParser(prog="conspo eval", description=_HELP["eval"], allow_abbrev=False)
     ev.add_argument("--model", required=True, help="checkpoint directory or Hugging Face id")
     evsrc = ev.add_mutually_exclusive_group()
     evsrc.add_argument("--task", default=None)
@@ -84,25 +210,57 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=32, help="completions generated together")
     ev.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto",
                     help="generation backend; auto: vLLM when installed and a GPU is present, else transformers")
+    return ev
 
-    cmp_ = sub.add_parser("compare", help="train and evaluate several methods on the same data, budget and seeds")
-    cmp_.add_argument("--methods", default="conspo,disco,grpo,dapo,gspo", help="comma-separated methods")
-    cmp_.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
-    cmp_.add_argument("--eval-samples", type=int, default=4)
-    cmp_.add_argument("--k", default="1,4")
-    _add_train_options(cmp_)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: ``conspo --help`` and the list of commands (light; ``train`` and ``compare`` have
+    their own parsers, built by :func:`build_train_parser` / :func:`build_compare_parser` when asked for)."""
+    parser = argparse.ArgumentParser(prog="conspo", description=DESCRIPTION,
+                                     epilog="conspo <command> --help lists a command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,compare}")
+    for name in ("train", "compare"):
+        sub.add_parser(name, help=_HELP[name], add_help=False)
+    build_eval_parser(sub.add_parser("eval", help=_HELP["eval"], allow_abbrev=False))
     return parser
 
 
+_BUILDERS = {"train": build_train_parser, "compare": build_compare_parser}
+
+
+def parse_explicit(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
+    """The namespace of ``argv`` (defaults filled in) and the destinations given explicitly on the command line.
+
+    The second set comes from parsing again with every default suppressed: argparse then sets only what the
+    command line names, so a flag equal to its default still counts as given and an absent one never does."""
+    ns = parser.parse_args(argv)
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given = set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in saved:
+            action.default = default
+    return ns, given
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    module_name, func_name = _HANDLERS[args.command].split(":")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _BUILDERS:
+        command = argv[0]
+        ns, explicit = parse_explicit(_BUILDERS[command](), argv[1:])
+        ns.command, ns._explicit = command, explicit
+    else:
+        parser = build_parser()
+        ns = parser.parse_args(argv)
+        if ns.command is None:
+            parser.print_help()
+            return 2
+        command = ns.command
+    module_name, func_name = _HANDLERS[command].split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
-    return int(handler(args) or 0)
+    return int(handler(ns) or 0)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 Every (method, seed) run lives in ``<output>/<method>/seed<k>/`` and is the ordinary main job
 (:func:`conspo.run.train`), so a run interrupted half-way resumes from its last checkpoint and a
-finished run (one with ``summary.json``) is reused: rerunning the same command finishes the comparison.
+finished run (one with ``summary.json``) recorded with the same settings (the hash in its ``run.json``) is
+reused: rerunning the same command finishes the comparison. A run recorded with other settings (another task,
+config, budget or model) is trained again, never reported. Every run is planned and checked before the first
+one starts.
 
 Outputs: ``results.md`` and ``results.csv`` (mean and standard deviation over seeds),
 ``heldout.png`` (held-out accuracy against step, band over seeds), ``separation.png`` (score gap and
@@ -20,7 +23,7 @@ from typing import Any
 
 from conspo.checkpoints import write_atomic
 from conspo.plots import plot_bands, plot_credit, read_metrics
-from conspo.run import METRICS_FILE, RunError, train
+from conspo.run import METRICS_FILE, RunError, overwrite_problem, plan_run, read_run_record, settings_diff, train
 
 SUMMARY = "summary.json"
 
@@ -29,6 +32,8 @@ def parse_methods(text: str) -> list[str]:
     from conspo.presets import ALL_METHODS as METHODS
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise RunError(f"--methods {text!r} names no method; give comma-separated methods from: {', '.join(METHODS)}")
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
         raise RunError(f"--methods {text!r}: unknown {unknown}; accepted values: {', '.join(METHODS)}")
@@ -75,38 +80,126 @@ def sampled_eval(run_dir: Path, summary: dict, train_options: dict, *, samples: 
     return result
 
 
+COMPARE_FILE = "compare.json"
+
+
+def _check_root(root: Path) -> None:
+    """The comparison's directory: new, empty, or one conspo compare made (it holds ``compare.json``)."""
+    if root.exists() and not root.is_dir():
+        raise RunError(f"--output-dir {root} is a file; name a directory for the comparison")
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    if (root / COMPARE_FILE).is_file() or (root / "results.md").is_file():
+        return  # (results.md: a comparison made before compare.json was written)
+    raise RunError(f"--output-dir {root} is not empty and holds no comparison (no {COMPARE_FILE}); conspo compare "
+                   f"writes only into a new or empty directory or one of its own comparisons: choose another "
+                   f"--output-dir")
+
+
+def plan_comparison(methods: list[str], seeds: int, root: Path, **train_options: Any) -> list[tuple]:
+    """``[(method, seed, plan, action)]`` for every run, every setting checked before any run starts.
+
+    action: ``"reuse"`` (finished with the same settings), ``"resume"`` (unfinished, same settings), ``"new"``,
+    or ``"rerun"`` (the directory holds a run recorded with other settings: it is trained again)."""
+    for name, why in (("seed", "the seeds are 0..N-1 of --seeds"), ("resume", "unfinished runs resume by themselves"),
+                      ("overwrite", "runs recorded with other settings are trained again by themselves"),
+                      ("output_dir", "each run goes to <output-dir>/<method>/seed<k>")):
+        if name in train_options:
+            raise RunError(f"conspo compare does not take {name}: {why}")
+    plans = []
+    for method in methods:
+        for seed in range(seeds):
+            run_dir = root / method / f"seed{seed}"
+            plan = plan_run(method=method, seed=seed, output_dir=run_dir, **train_options)
+            record = read_run_record(run_dir)
+            if run_dir.is_dir() and any(run_dir.iterdir()) and record is None:
+                raise RunError(f"{run_dir} is not empty and holds no conspo run; move it away or choose another "
+                               f"--output-dir")
+            if record is None:
+                action, differs = "new", {}
+            else:
+                differs = settings_diff(record, plan)
+                if differs:
+                    action = "rerun"
+                    problem = overwrite_problem(plan)
+                    if problem is not None:
+                        raise RunError(f"{run_dir} holds a run with other settings, which would be trained again, "
+                                       f"but {problem}; choose another --output-dir")
+                else:
+                    action = "reuse" if (run_dir / SUMMARY).is_file() else "resume"
+            plans.append((method, seed, plan, action, differs))
+    return plans
+
+
 def compare(methods: list[str], seeds: int, output_dir: str | Path, *, eval_samples: int = 0,
             ks: list[int] | None = None, sample_limit: int | None = 200, eval_temperature: float = 1.0,
             **train_options: Any) -> dict[str, Any]:
-    """Train every method with every seed (reusing finished runs), evaluate each final checkpoint with the
-    same sampling settings (``eval_samples`` > 0, on the first ``sample_limit`` held-out problems), then write the
-    table and figures. ``train_options`` go to :func:`conspo.run.train` (its ``eval_limit`` included)."""
-    if seeds < 1:
-        raise RunError(f"--seeds must be >= 1, got {seeds}")
+    """Train every method with every seed, evaluate each final checkpoint with the same sampling settings
+    (``eval_samples`` > 0, on the first ``sample_limit`` held-out problems), then write the table and figures.
+    ``train_options`` go to :func:`conspo.run.train` (its ``eval_limit`` included).
+
+    A finished run recorded with the same settings (``run.json``'s hash) is reused, an unfinished one resumed, and
+    one recorded with other settings (another task, config, budget, model) trained again: the table never mixes
+    runs made with different settings."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise RunError(f"--seeds must be an integer >= 1, got {seeds!r}")
     ks = sorted(set(ks or [1]))
     if eval_samples and ks[-1] > eval_samples:
         raise RunError(f"--k {','.join(map(str, ks))}: every k must be <= --eval-samples ({eval_samples})")
     root = Path(output_dir)
+    _check_root(root)
+    plans = plan_comparison(methods, seeds, root, **train_options)
+    config = train_options.get("config")
+    if isinstance(config, (str, Path)) and plans:
+        from conspo.run import load_yaml_config
+
+        if "seed" in load_yaml_config(config):
+            print(f"[conspo compare] the seed in {config} is not used: the runs have seeds 0..{seeds - 1} (--seeds)")
     root.mkdir(parents=True, exist_ok=True)
+    write_atomic(root / COMPARE_FILE, json.dumps({"written_by": "conspo compare", "methods": methods,
+                                                  "seeds": seeds}, indent=2))
     summaries: dict[str, list[dict]] = {m: [] for m in methods}
-    for method in methods:
-        for seed in range(seeds):
-            run_dir = root / method / f"seed{seed}"
-            done = run_dir / SUMMARY
-            if done.is_file():
-                print(f"[conspo compare] reusing {run_dir}")
-            else:
-                print(f"[conspo compare] {method} seed {seed} -> {run_dir}")
-                train(method=method, seed=seed, output_dir=run_dir, resume=run_dir.exists(), **train_options)
-            summary = json.loads(done.read_text())
-            if eval_samples:
-                summary["sampled"] = sampled_eval(run_dir, summary, train_options, samples=eval_samples, ks=ks,
-                                                  limit=sample_limit, temperature=eval_temperature)
-            summaries[method].append(summary)
-    return write_report(root, summaries)
+    for method, seed, plan, action, differs in plans:
+        run_dir = plan.output_dir
+        done = run_dir / SUMMARY
+        if action == "reuse":
+            print(f"[conspo compare] reusing {run_dir} (finished, same settings)")
+        else:
+            if action == "rerun":
+                fields = ", ".join(list(differs)[:6]) + (", ..." if len(differs) > 6 else "")
+                print(f"[conspo compare] {run_dir} holds a run with other settings ({fields}); training it again")
+            print(f"[conspo compare] {method} seed {seed} -> {run_dir}")
+            train(method=method, seed=seed, output_dir=run_dir, resume=action == "resume",
+                  overwrite=action == "rerun", **train_options)
+        summary = json.loads(done.read_text())
+        if eval_samples:
+            summary["sampled"] = sampled_eval(run_dir, summary, train_options, samples=eval_samples, ks=ks,
+                                              limit=sample_limit, temperature=eval_temperature)
+        summaries[method].append(summary)
+    return write_report(root, summaries, context=_context(plans))
 
 
-def write_report(root: Path, summaries: dict[str, list[dict]]) -> dict[str, Any]:
+def _context(plans: list[tuple]) -> dict[str, Any]:
+    """What every run of the comparison shares: task, model, budget (from the first plan; all share them)."""
+    if not plans:
+        return {}
+    plan = plans[0][2]
+    args = plan.args
+    return {
+        "task": plan.task_label,
+        "model": plan.settings["model"],
+        "max_steps": args.max_steps,
+        "rollouts_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "num_generations": args.num_generations,
+        "max_completion_length": args.max_completion_length,
+        "heldout_problems": len(plan.task.test[:plan.eval_limit] if plan.eval_limit else plan.task.test),
+        "seeds": sorted({p[1] for p in plans}),
+        "val_size": len(plan.val),
+    }
+
+
+def write_report(root: Path, summaries: dict[str, list[dict]], context: dict | None = None) -> dict[str, Any]:
+    context = context or {}
     rows = []
     for method, runs in summaries.items():
         before = _mean_std([r["heldout_before"] for r in runs])
@@ -115,29 +208,50 @@ def write_report(root: Path, summaries: dict[str, list[dict]]) -> dict[str, Any]
         row = {"method": method, "seeds": len(runs), "steps": runs[0]["steps"] if runs else 0,
                "before_mean": before[0], "before_std": before[1], "after_mean": after[0],
                "after_std": after[1], "gain_mean": gain[0], "gain_std": gain[1]}
+        if runs and all("selection" in r for r in runs):
+            chosen = _mean_std([r["selection"]["heldout_accuracy"] for r in runs])
+            row["best_mean"], row["best_std"] = chosen
+            row["best_steps"] = " ".join(str(r["selection"]["best_step"]) for r in runs)
         for name in _sampled_names(runs):
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([r["sampled"]["overall"][name] for r in runs])
         rows.append(row)
     with (root / "results.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
+    best = all("best_mean" in r for r in rows)
     sampled = [k[: -len("_mean")] for k in rows[0] if k.endswith("_mean") and "@" in k]
-    lines = [
+    lines = []
+    if context:
+        seeds = context["seeds"]
+        lines += [
+            f"Task: {context['task']} (held-out accuracy on {context['heldout_problems']} test problems); model: "
+            f"{context['model']}; budget: {context['max_steps']} optimizer steps of {context['rollouts_per_step']} "
+            f"rollouts ({context['num_generations']} per prompt, completions up to {context['max_completion_length']} "
+            f"tokens); seeds {', '.join(map(str, seeds))}.",
+            "",
+        ]
+    lines += [
         "| method | seeds | steps | held-out before | held-out after | gain (points) |"
+        + (" best checkpoint (validation-chosen) | best steps |" if best else "")
         + "".join(f" {name} |" for name in sampled),
-        "|---|---|---|---|---|---|" + "---|" * len(sampled),
+        "|---|---|---|---|---|---|" + ("---|---|" if best else "") + "---|" * len(sampled),
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['seeds']} | {r['steps']} | {100 * r['before_mean']:.1f} ± {100 * r['before_std']:.1f} "
             f"| {100 * r['after_mean']:.1f} ± {100 * r['after_std']:.1f} | {100 * r['gain_mean']:+.1f} ± "
             f"{100 * r['gain_std']:.1f} |"
+            + (f" {100 * r['best_mean']:.1f} ± {100 * r['best_std']:.1f} | {r['best_steps']} |" if best else "")
             + "".join(f" {100 * r[f'{n}_mean']:.1f} ± {100 * r[f'{n}_std']:.1f} |" for n in sampled)
         )
     lines.append("")
     lines.append("Held-out accuracy is greedy (temperature 0) on the task's held-out problems; ± is the standard "
                  "deviation over seeds (n-1), in points.")
+    if best:
+        rule = next(iter(summaries.values()))[0]["selection"]["rule"]
+        lines.append(f"Best checkpoint: the held-out accuracy of the {rule}; chosen once per run, its test "
+                     f"accuracy measured once.")
     if sampled:
         settings = summaries[rows[0]["method"]][0]["sampled"].get("settings", {})
         lines.append(f"avg@k, pass@k (unbiased) and maj@k sample {settings.get('samples')} completions per held-out "
@@ -154,10 +268,10 @@ def write_report(root: Path, summaries: dict[str, list[dict]]) -> dict[str, Any]
     credit = credit_figure(root, summaries)
     if credit is not None:
         figures["credit"] = credit
-    print("\n".join(lines[: len(rows) + 2]))
+    print("\n".join(lines))
     print(f"[conspo compare] table: {root / 'results.md'} and {root / 'results.csv'}; figures: "
           f"{', '.join(str(p) for p in figures.values())}")
-    return {"rows": rows, "figures": {k: str(v) for k, v in figures.items()}}
+    return {"rows": rows, "figures": {k: str(v) for k, v in figures.items()}, "context": context}
 
 
 def _sampled_names(runs: list[dict]) -> list[str]:
@@ -200,11 +314,18 @@ def credit_figure(root: Path, summaries: dict[str, list[dict]]) -> Path | None:
                        title=f"credit against score on one batch ({batch['objective']} run, step {batch['step']})")
 
 
+COMPARE_OPTIONS = ("methods", "seeds", "eval_samples", "k")
+
+
 def compare_command(ns) -> int:
+    """``conspo compare``: the namespace of ``conspo.cli.build_compare_parser`` (``ns._explicit``: flags given)."""
     from conspo.checkpoints import SaveError
     from conspo.evaluation import EvalError
+    from conspo.run import report_error, split_namespace
     from conspo.tasks.datasets import DatasetError
 
+    script, config_fields = split_namespace(ns, getattr(ns, "_explicit", set()), own=COMPARE_OPTIONS)
+    output_dir = script.pop("output_dir", None) or "runs/compare"
     try:
         methods = parse_methods(ns.methods)
         from conspo.evaluation import parse_ks
@@ -215,16 +336,12 @@ def compare_command(ns) -> int:
             ks = parse_ks(ns.k, max(1, ns.eval_samples)) if ns.eval_samples else [1]
         except EvalError as err:  # parse_ks speaks of conspo eval's --samples; here it is --eval-samples
             raise RunError(str(err).replace("--samples", "--eval-samples")) from err
-        compare(methods, ns.seeds, ns.output_dir or "runs/compare", eval_samples=ns.eval_samples,
-                ks=ks, task=ns.task, dataset=ns.dataset,
-                question_field=ns.question_field, answer_field=ns.answer_field, template=ns.template,
-                model=ns.model, config=ns.config, max_steps=ns.max_steps, report_to=ns.report_to, lora=ns.lora,
-                lora_r=ns.lora_r)
+        compare(methods, ns.seeds, output_dir, eval_samples=ns.eval_samples, ks=ks, **script, **config_fields)
     except (RunError, DatasetError, EvalError) as err:
-        print(f"conspo compare: error: {err}")
+        report_error("compare", err)
         return 2
     except SaveError as err:
-        print(f"conspo compare: error: {err}")
+        report_error("compare", err)
         return 1
     return 0
 
