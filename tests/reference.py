@@ -237,14 +237,28 @@ def neg_entropy(scores: Tensor, correct: Tensor, group_ids: Tensor, *, tau: floa
     return sum(entropies) / len(entropies) if entropies else 0.0
 
 
+def neg_entropy_ratio(scores: Tensor, correct: Tensor, group_ids: Tensor, *, tau: float) -> float:
+    """Mean over valid groups with at least two negatives of H(softmax_N(s / tau)) / log|N|; 1 without such."""
+    s = scores.detach().to(F64)
+    ratios = []
+    for _, neg in valid_groups(correct, group_ids):
+        if len(neg) < 2:
+            continue
+        pi = softmax_over(s, neg, tau)
+        ratios.append(-sum(p * math.log(p) for p in pi.values() if p > 0) / math.log(len(neg)))
+    return sum(ratios) / len(ratios) if ratios else 1.0
+
+
 def conspo_metrics(scores: Tensor, correct: Tensor, group_ids: Tensor, *, tau: float, margin: float,
                    neg_reduce: str = "sum") -> dict[str, float]:
     """Every metric ``conspo_loss`` reports: separation metrics, gate statistics, negatives' entropy, margin."""
     gates = conspo_gates(scores, correct, group_ids, tau=tau, margin=margin, neg_reduce=neg_reduce)
     out = separation_metrics(scores, correct, group_ids)
     out["gate_mean"] = sum(gates) / len(gates) if gates else 0.0
+    out["gate_sd"] = math.sqrt(sum((g - out["gate_mean"]) ** 2 for g in gates) / len(gates)) if gates else 0.0
     out["gate_frac_below_0.1"] = sum(g < 0.1 for g in gates) / len(gates) if gates else 0.0
     out["neg_entropy"] = neg_entropy(scores, correct, group_ids, tau=tau)
+    out["neg_entropy_ratio"] = neg_entropy_ratio(scores, correct, group_ids, tau=tau)
     out["margin"] = float(margin)
     return out
 
@@ -367,3 +381,26 @@ def group_advantages(rewards: list[float], group_ids: list[int], *, scale: str =
         for i in rows:
             out[i] = rewards[i] - mean if scale == "none" else (rewards[i] - mean) / (sd + eps)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's Eq. 6 scores (Table 6 ablation), written as loops
+# ------------------------------------------------------------------------------------------------
+
+
+def clipped_ratio_scores(logps: Tensor, old_logps: Tensor, mask: Tensor, correct: Tensor, *, eps_low: float,
+                         eps_high: float) -> Tensor:
+    """Per rollout the token mean of min(rho, 1 + eps_high) (positives) or max(rho, 1 - eps_low) (negatives),
+    rho = exp(logp - logp_old); 0 for a rollout without tokens. Differentiable in ``logps``."""
+    rows = []
+    for i in range(logps.shape[0]):
+        terms = []
+        for t in range(logps.shape[1]):
+            if bool(mask[i, t] != 0):
+                rho = torch.exp(logps[i, t].to(F64) - old_logps[i, t].detach().to(F64))
+                if bool(correct[i]):
+                    terms.append(torch.minimum(rho, torch.tensor(1.0 + eps_high, dtype=F64)))
+                else:
+                    terms.append(torch.maximum(rho, torch.tensor(1.0 - eps_low, dtype=F64)))
+        rows.append(sum(terms) / len(terms) if terms else torch.zeros((), dtype=F64))
+    return torch.stack(rows)

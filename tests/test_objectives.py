@@ -219,6 +219,7 @@ def test_disco_matches_reference_float64(seed, variant, group_norm):
     want = ref.separation_metrics(s_ref, correct, ids)
     if variant == "dro":
         want["neg_entropy"] = ref.neg_entropy(s_ref, correct, ids, tau=tau)
+        want["neg_entropy_ratio"] = ref.neg_entropy_ratio(s_ref, correct, ids, tau=tau)
     check_metrics(out.metrics, want)
 
 
@@ -876,3 +877,60 @@ def test_score_sd_by_hand():
     # Only single-row groups: no spread to measure, 0.
     got = separation_metrics(scores[:2], correct[:2], torch.tensor([1, 2]))["score_sd"]
     assert float(got) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Clipped-ratio scores (the paper's Eq. 6, its Table 6 ablation)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_clipped_ratio_scores_equal_the_loop_reference(seed):
+    from conspo.objectives import clipped_ratio_scores
+
+    g = torch.Generator().manual_seed(seed)
+    b, t = 6, 5
+    old = -torch.rand(b, t, generator=g, dtype=F64) * 2
+    logps = (old + torch.randn(b, t, generator=g, dtype=F64) * 0.4).requires_grad_(True)  # ratios on both sides
+    mask = torch.rand(b, t, generator=g) > 0.25
+    mask[0] = False  # a row without tokens scores 0
+    correct = torch.tensor([True, False, True, False, True, False])
+    got = clipped_ratio_scores(logps, old, mask, correct, eps_low=0.2, eps_high=0.28)
+    want = ref.clipped_ratio_scores(logps, old, mask, correct, eps_low=0.2, eps_high=0.28)
+    close(got, want, rtol=1e-12, atol=1e-14)
+    weights = torch.randn(b, generator=g, dtype=F64)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), logps)
+    (g_want,) = torch.autograd.grad((want * weights).sum(), logps)
+    close(g_got, g_want, rtol=1e-12, atol=1e-14)
+    ratio = torch.exp(logps.detach() - old)
+    clipped = mask & torch.where(correct[:, None], ratio > 1.28, ratio < 0.8)
+    assert clipped.any() and (mask & ~clipped).any(), "the case must hold clipped and unclipped tokens"
+    assert bool((g_got[clipped] == 0).all())  # a clipped token carries no gradient
+    assert float(got[0]) == 0.0
+
+
+def test_clipped_ratio_scores_on_policy_have_the_logprob_gradient():
+    from conspo.objectives import clipped_ratio_scores
+
+    g = torch.Generator().manual_seed(7)
+    logps = (-torch.rand(4, 6, generator=g, dtype=F64)).requires_grad_(True)
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    correct = torch.tensor([True, False, False, True])
+    got = clipped_ratio_scores(logps, logps.detach(), mask, correct)
+    close(got, torch.ones(4, dtype=F64) * mask.any(1), rtol=0, atol=1e-15)  # every ratio is 1
+    w = torch.tensor([0.3, -1.2, 0.7, 2.0], dtype=F64)
+    (g_clip,) = torch.autograd.grad((got * w).sum(), logps)
+    (g_logp,) = torch.autograd.grad((sequence_scores(logps, mask) * w).sum(), logps)
+    close(g_clip, g_logp, rtol=1e-12, atol=1e-15)
+
+
+def test_clipped_ratio_scores_bad_inputs():
+    from conspo.objectives import clipped_ratio_scores
+
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="old_logps must have the shape of logps"):
+        clipped_ratio_scores(x, torch.zeros(2, 2), torch.ones(2, 3), torch.tensor([True, False]))
+    with pytest.raises(ValueError, match=r"eps_low must be in \(0, 1\)"):
+        clipped_ratio_scores(x, x, torch.ones(2, 3), torch.tensor([True, False]), eps_low=1.0)
+    with pytest.raises(ValueError, match="correct must be a tensor of shape"):
+        clipped_ratio_scores(x, x, torch.ones(2, 3), torch.tensor([True]))

@@ -313,6 +313,9 @@ def conspo_loss(
         positive i:  g_i / |P| / norm        with g_i = 1 - q_i (the gate)
         negative j: -(sum_{i in P} g_i) / |P| / norm * softmax_{N}(s / tau)_j
 
+    Metrics: the separation metrics, ``gate_mean``, ``gate_sd`` and ``gate_frac_below_0.1`` over the positives of
+    valid groups, ``neg_entropy`` (nats) and ``neg_entropy_ratio`` (H / log|N|, 1 = uniform credit), ``margin``.
+
     Args:
         scores:    (B,) sequence scores, e.g. from :func:`sequence_scores`.
         correct:   (B,) bool, the verifier's verdict.
@@ -358,9 +361,12 @@ def conspo_loss(
         credit = torch.where(active, pos_credit, -push[groups.index] * pi)
         metrics = separation_metrics(s, correct, group_ids, _groups_cache=groups)
         n_active = active.sum().clamp(min=1).to(dtype)
-        metrics["gate_mean"] = torch.where(active, gate, 0.0).sum() / n_active
+        gate_mean = torch.where(active, gate, 0.0).sum() / n_active
+        metrics["gate_mean"] = gate_mean
+        metrics["gate_sd"] = (torch.where(active, (gate - gate_mean) ** 2, 0.0).sum() / n_active).sqrt()
         metrics["gate_frac_below_0.1"] = (active & (gate < 0.1)).sum().to(dtype) / n_active
         metrics["neg_entropy"] = _neg_entropy(pi, neg, groups, dtype)
+        metrics["neg_entropy_ratio"] = _neg_entropy_ratio(pi, neg, groups, dtype)
         metrics["margin"] = torch.full((), float(margin), dtype=dtype, device=s.device)
     return LossOutput(loss, credit.detach(), metrics)
 
@@ -415,6 +421,7 @@ def disco_loss(
         metrics = separation_metrics(s, correct, group_ids, _groups_cache=groups)
         if variant == "dro":
             metrics["neg_entropy"] = _neg_entropy(pi, neg, groups, dtype)
+            metrics["neg_entropy_ratio"] = _neg_entropy_ratio(pi, neg, groups, dtype)
     return LossOutput(loss, credit.detach(), metrics)
 
 
@@ -424,6 +431,19 @@ def _neg_entropy(pi: Tensor, neg: Tensor, groups: _Groups, dtype: torch.dtype) -
     entropy = -_group_sum(plogp, groups)
     n_valid = groups.valid.sum().clamp(min=1).to(dtype)
     return torch.where(groups.valid, entropy, 0.0).sum() / n_valid
+
+
+def _neg_entropy_ratio(pi: Tensor, neg: Tensor, groups: _Groups, dtype: torch.dtype) -> Tensor:
+    """How far the credit over negatives is from uniform: the mean over valid groups with two negatives or more of
+    ``H(pi) / log |N|`` (1 = uniform, the linear-gap limit; small = concentrated on the highest-scoring negative).
+    1 when no group has two negatives."""
+    plogp = torch.where(neg & (pi > 0), pi * torch.log(pi.clamp(min=1e-38)), 0.0)
+    entropy = -_group_sum(plogp, groups)
+    several = groups.valid & (groups.n_neg > 1)
+    ratio = entropy / torch.log(groups.n_neg.clamp(min=2).to(dtype))
+    count = several.sum().to(dtype)
+    mean = torch.where(several, ratio, 0.0).sum() / count.clamp(min=1)
+    return torch.where(count > 0, mean, torch.ones_like(mean))
 
 
 def separation_metrics(

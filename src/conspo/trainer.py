@@ -230,6 +230,12 @@ class ConSPOConfig(GRPOConfig):
             raise ValueError(f"fast_generation_compile must be a dict with keys among {', '.join(fastgen.COMPILE_KEYS)}; "
                              f"got {compile_options!r}")
         _refuse_without_effect(self)
+        if isinstance(self.tau, str) and self.tau != "auto":  # from a command line or YAML: "0.3", "1e-2"
+            try:
+                self.tau = float(self.tau)
+            except ValueError:
+                raise ValueError(f"tau must be a number in [{obj.TAU_MIN:g}, {obj.TAU_MAX:g}] or 'auto', got "
+                                 f"{self.tau!r}") from None
         if self.tau is None and self.objective in GROUP_COUPLED:
             self.tau = 10.0
         if self.tau is None:
