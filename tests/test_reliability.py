@@ -305,6 +305,20 @@ def test_disk_full_while_saving_the_final_model(tiny_dir, tmp_path, monkeypatch)
     assert_consistent(records(run / "metrics.jsonl"))
 
 
+def test_a_kill_while_final_is_written_leaves_no_duplicated_record(tiny_dir, reference, tmp_path):
+    """Killed while final/ was written: the final evaluation's record is already in metrics.jsonl. The resume
+    (from checkpoint-4, no step taken) evaluates again and replaces that record: the file equals the
+    uninterrupted run's (issue 14, item 6)."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    run_job(tiny_dir, run, resume=True)
+    assert_same_run(run, reference)
+    finals = [r for r in records(run / "metrics.jsonl") if r["step"] == 4 and set(r) == {"step", "eval/heldout_accuracy"}]
+    assert len(finals) == 1
+
+
 def test_disk_full_at_the_final_save_with_model_only_checkpoints(tiny_dir, tmp_path, monkeypatch):
     """save_only_model checkpoints hold no optimizer state; the error must still name the last one as intact."""
     from transformers import PreTrainedModel
@@ -378,7 +392,7 @@ def test_the_main_job_bounds_its_verifier():
     from conspo import run
 
     assert run.REWARD_TIMEOUT_S > 0
-    assert "timeout_s=REWARD_TIMEOUT_S" in inspect.getsource(run.train)
+    assert "timeout_s=REWARD_TIMEOUT_S" in inspect.getsource(run._run)  # (train's body, after its checks)
 
 
 MEGABYTE = 1 << 20

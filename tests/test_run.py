@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -366,3 +367,96 @@ def test_a_best_checkpoint_newer_than_the_resume_point_is_dropped(tmp_path, caps
     (tmp_path / ".best-old-123" / "best.json").write_text(json.dumps({"step": 2, "val_accuracy": 0.4}))
     keeper.restore(4)
     assert keeper.best == (0.4, 2) and best.is_dir() and not (tmp_path / ".best-old-123").exists()
+
+
+# ----------------------------------------------------------------------------------------------- item 5: one writer
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_blocks_nothing(tmp_path, monkeypatch,
+                                                                                       capsys):
+    import signal
+    import subprocess
+    import sys
+
+    from conspo.run import LOCK_FILE, RunLock, check_output_dir, prepare_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    plan = plan_run(output_dir=out)
+    prepare_output_dir(plan, check_output_dir(plan, resume=False, overwrite=False))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"f = open({str(out / LOCK_FILE)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+         "f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush(); print('locked', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        message = refused(capsys, tmp_path, "train", "--output-dir", str(out), "--resume")
+        assert f"is being written by another conspo process (PID {holder.pid})" in message
+        assert "wait for it to end or stop it" in message
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = RunLock(out)  # the holder died: its PID is still in the file, and the lock is free
+    lock.acquire()
+    assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
+    lock.release()
+    assert check_output_dir(plan, resume=True, overwrite=False) == "resume"  # the lock file is no foreign content
+
+
+# ----------------------------------------------------------------------------------------------- item 8: bad values
+
+
+@pytest.mark.parametrize("yaml_text, needle", [
+    ("num_iterations: 0", "num_iterations must be an integer >= 1, got 0 (from --config"),
+    ("per_device_train_batch_size: 0", "per_device_train_batch_size must be an integer >= 1, got 0"),
+    ("gradient_accumulation_steps: 0", "gradient_accumulation_steps must be an integer >= 1, got 0"),
+    ("save_steps: 0", "save_steps must be an integer >= 1 (optimizer steps) or a fraction of max_steps in (0, 1)"),
+    ("max_completion_length: 0", "max_completion_length must be an integer >= 1"),
+    ("temperature: 0", "temperature must be a finite number in (0, inf), got 0"),
+    ("num_generations: 512", "must be divisible by num_generations (512)"),
+    ("learning_rate: fast", "learning_rate must be a number, got 'fast'"),
+    ("not_a_field: 1", "unknown fields ['not_a_field']"),
+])
+def test_a_bad_config_value_is_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys, yaml_text, needle):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text + "\n")
+    assert needle in refused(capsys, tmp_path, "train", "--config", str(cfg), "--output-dir", "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_flag_value_names_the_command_line_and_a_lora_adapter_is_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    message = refused(capsys, tmp_path, "train", "--per-device-train-batch-size", "0", "--output-dir", "run")
+    assert "per_device_train_batch_size must be an integer >= 1, got 0 (from the command line)" in message
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
+    message = refused(capsys, tmp_path, "train", "--model", str(adapter), "--output-dir", "run")
+    assert "is a LoRA adapter, not a model" in message and "merge it into its base model org/base" in message
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------- item 9: messages
+
+
+def test_a_permission_error_at_a_save_says_so_and_removes_nothing_it_did_not_make(tmp_path):
+    from types import SimpleNamespace
+
+    from conspo.checkpoints import SaveError, guard_checkpoint_saves
+
+    (tmp_path / "checkpoint-5").mkdir()
+
+    def denied(model, trial):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "checkpoint-10"))
+
+    trainer = SimpleNamespace(args=SimpleNamespace(output_dir=str(tmp_path), save_only_model=False, should_save=True),
+                              state=SimpleNamespace(global_step=10), _save_checkpoint=denied)
+    guard_checkpoint_saves(trainer)
+    with pytest.raises(SaveError) as err:
+        trainer._save_checkpoint(None, None)
+    message = str(err.value)
+    assert f"permission denied: {tmp_path} is not writable" in message and f"make {tmp_path} writable" in message
+    assert "GiB" not in message and "free space" not in message and "was removed" not in message
+    assert (tmp_path / "checkpoint-5").is_dir()

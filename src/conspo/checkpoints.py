@@ -138,6 +138,32 @@ def truncate_metrics(path: str | Path, last_step: int) -> int:
     return dropped
 
 
+EVALUATION_KEYS = frozenset({"step", "eval/heldout_accuracy", "eval/val_accuracy"})
+
+
+def drop_evaluation_records(path: str | Path, step: int) -> int:
+    """Remove the evaluation-only records of ``step`` (the final evaluation's) from ``path``; return how many.
+
+    A run killed after its final evaluation was logged (while ``final/`` was written) resumes from the checkpoint
+    at ``max_steps`` and evaluates again; its record then replaces the earlier one instead of repeating it."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and record.get("step") == step and set(record) <= EVALUATION_KEYS:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        write_atomic(path, "".join(f"{line}\n" for line in kept))
+    return dropped
+
+
 def whole_run_loss(log_history: Sequence[dict[str, Any]]) -> float | None:
     """Mean training loss per optimizer step over the whole run, from the logged ``loss`` records.
 
@@ -189,29 +215,42 @@ def write_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _disk_report(err: BaseException, directory: Path) -> str:
+def _chain(err: BaseException) -> list[BaseException]:
     chain, e = [], err
     while e is not None and len(chain) < 5:
         chain.append(e)
         e = e.__cause__ or e.__context__
-    full = any(getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) for e in chain)
-    try:
-        free = f"{shutil.disk_usage(directory).free / 2**30:.2f} GiB free on {directory}"
-    except OSError:
-        free = f"free space on {directory} unknown"
-    return f"the disk is full ({free})" if full else free
+    return chain
+
+
+def _cause(err: BaseException, directory: Path) -> tuple[str, str]:
+    """``(what happened, what to do before --resume)`` for a failed save: a full disk says how much is free, a
+    permission error names the directory; anything else is reported as it is."""
+    chain = _chain(err)
+    if any(getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) for e in chain):
+        try:
+            free = f"{shutil.disk_usage(directory).free / 2**30:.2f} GiB free on {directory}"
+        except OSError:
+            free = f"free space on {directory} unknown"
+        return f"the disk is full ({free})", "free space"
+    if any(isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS)
+           for e in chain):
+        return f"permission denied: {directory} is not writable", f"make {directory} writable"
+    return "", "fix the cause"
 
 
 def save_error(err: BaseException, target: str | Path, *, intact: str | Path | None, removed: bool) -> SaveError:
-    """The error to raise when writing ``target`` failed: what happened, the free space, what is intact."""
+    """The error to raise when writing ``target`` failed: what happened, why when known (a full disk with the free
+    space, a permission), whether an incomplete ``target`` was removed, and what is intact."""
     target = Path(target)
     parent = target.parent if target.parent.exists() else Path(".")
+    why, fix = _cause(err, parent)
     if intact is None:
-        keep = "there is no earlier checkpoint to resume from"
+        keep = f"there is no earlier checkpoint to resume from: {fix}, then run again"
     else:
-        keep = f"the checkpoint {intact} is intact; free space, then rerun with --resume to continue from it"
+        keep = f"the checkpoint {intact} is intact; {fix}, then rerun with --resume to continue from it"
     fate = f"the incomplete {target.name} was removed; " if removed else ""
-    return SaveError(f"saving {target} failed: {type(err).__name__}: {err}. {_disk_report(err, parent)}; "
+    return SaveError(f"saving {target} failed: {type(err).__name__}: {err}. {why + '; ' if why else ''}"
                      f"{fate}{keep}")
 
 
@@ -228,9 +267,10 @@ def guard_checkpoint_saves(trainer: Any) -> None:
             return save(model, trial)
         except Exception as err:
             removed = False
-            if checkpoint_problem(target, expect_optimizer=expect) is not None and trainer.args.should_save:
+            if (target.exists() and checkpoint_problem(target, expect_optimizer=expect) is not None
+                    and trainer.args.should_save):
                 shutil.rmtree(target, ignore_errors=True)
-                removed = True
+                removed = not target.exists()  # (said only of a directory that was there and is gone)
             intact = next((p for _, p in _checkpoints(output_dir)
                            if checkpoint_problem(p, expect_optimizer=expect) is None), None)
             raise save_error(err, target, intact=intact, removed=removed) from err
@@ -269,7 +309,8 @@ def prepare_resume(output_dir: str | Path, metrics_path: str | Path, *, expect_o
 
 
 __all__ = [
-    "SaveError", "align_save_steps", "checkpoint_problem", "checkpoint_step", "guard_checkpoint_saves",
+    "SaveError", "align_save_steps", "checkpoint_problem", "checkpoint_step", "drop_evaluation_records",
+    "guard_checkpoint_saves",
     "last_complete_checkpoint", "prepare_resume", "restore_finished", "save_error", "truncate_metrics",
     "whole_run_loss", "write_atomic",
 ]

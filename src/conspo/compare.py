@@ -23,7 +23,16 @@ from typing import Any
 
 from conspo.checkpoints import write_atomic
 from conspo.plots import plot_bands, plot_credit, read_metrics
-from conspo.run import METRICS_FILE, RunError, overwrite_problem, plan_run, read_run_record, settings_diff, train
+from conspo.run import (
+    METRICS_FILE,
+    RunError,
+    _entries,
+    overwrite_problem,
+    plan_run,
+    read_run_record,
+    settings_diff,
+    train,
+)
 
 SUMMARY = "summary.json"
 
@@ -112,7 +121,7 @@ def plan_comparison(methods: list[str], seeds: int, root: Path, **train_options:
             run_dir = root / method / f"seed{seed}"
             plan = plan_run(method=method, seed=seed, output_dir=run_dir, **train_options)
             record = read_run_record(run_dir)
-            if run_dir.is_dir() and any(run_dir.iterdir()) and record is None:
+            if record is None and _entries(run_dir):
                 raise RunError(f"{run_dir} is not empty and holds no conspo run; move it away or choose another "
                                f"--output-dir")
             if record is None:

@@ -37,6 +37,7 @@ from conspo.checkpoints import (
     SaveError,
     align_save_steps,
     checkpoint_step,
+    drop_evaluation_records,
     guard_checkpoint_saves,
     last_complete_checkpoint,
     prepare_resume,
@@ -54,6 +55,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 BEST_DIR = "best"
 BEST_RECORD = "best.json"
+LOCK_FILE = ".conspo.lock"
 RUN_FORMAT = "conspo-run/2"
 
 REWARD_TIMEOUT_S = 10.0
@@ -87,6 +89,12 @@ NEUTRAL_FIELDS = frozenset({
     "num_completions_to_print", "log_unique_prompts", "log_completions_hub_repo", "local_rank",
     "dataloader_num_workers", "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_pin_memory",
 })
+# Config fields that must be positive integers (None allowed for OPTIONAL_FIELDS), checked before the config is
+# built: 0 there divides by zero inside transformers or TRL instead of naming the field.
+POSITIVE_INT_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
+                       "num_iterations", "logging_steps", "max_completion_length", "steps_per_generation",
+                       "generation_batch_size")
+OPTIONAL_FIELDS = ("steps_per_generation", "generation_batch_size")
 # Config fields that are also options of the job (given as arguments of train / flags of conspo train).
 JOB_FIELDS = ("output_dir", "seed", "max_steps", "report_to")
 
@@ -197,6 +205,15 @@ def check_model(model: str | None) -> None:
         return
     path = Path(model).expanduser()
     looks_local = model.startswith((".", "/", "~")) or path.exists() or model.count("/") > 1
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        try:
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            base = None
+        raise RunError(f"--model {model} is a LoRA adapter, not a model (adapter_config.json, no config.json); "
+                       f"merge it into its base model {base or '(named in adapter_config.json)'} first "
+                       f"(peft: PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(dir)) "
+                       f"and pass that directory, or pass the base model with --lora to train new adapters")
     if looks_local and not (path / "config.json").is_file():
         raise RunError(f"--model {model}: not a model directory (no config.json there)")
 
@@ -368,6 +385,28 @@ def plan_run(
     settings["seed"] = seed
     settings["output_dir"] = str(out)
     settings.setdefault("save_steps", max(1, settings["max_steps"] // 4))
+
+    def source(name: str) -> str:
+        if name in given or job.get(name) is not None and name not in yaml_fields:
+            return "the command line"
+        if name in yaml_fields:
+            return f"--config {yaml_path}" if yaml_path is not None else "config"
+        return "conspo's default"
+
+    for name in POSITIVE_INT_FIELDS:
+        if name not in settings:  # the dataclass's default
+            continue
+        value = settings[name]
+        if value is None and name in OPTIONAL_FIELDS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RunError(f"{name} must be an integer >= 1, got {value!r} (from {source(name)})")
+    save_steps = settings["save_steps"]
+    if str(settings.get("save_strategy")) == "steps" and (
+            isinstance(save_steps, bool) or not isinstance(save_steps, (int, float)) or save_steps <= 0
+            or (not float(save_steps).is_integer() and save_steps >= 1)):
+        raise RunError(f"save_steps must be an integer >= 1 (optimizer steps) or a fraction of max_steps in (0, 1), "
+                       f"got {save_steps!r} (from {source('save_steps')})")
     from conspo.presets import preset_config
 
     try:
@@ -414,6 +453,52 @@ def plan_run(
 
 
 # ----------------------------------------------------------------------------------------------- the output dir
+
+
+class RunLock:
+    """An exclusive lock on ``<output_dir>/.conspo.lock`` held for a run's lifetime (``fcntl.flock``): a second
+    process writing the same directory is refused with the holder's PID. The kernel releases the lock when its
+    holder dies, however it dies, so a lock is never stale. Under torchrun / accelerate only the main process
+    (``RANK`` 0) takes it."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / LOCK_FILE
+        self.handle = None
+
+    def acquire(self) -> None:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        import fcntl
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunError(f"--output-dir {self.output_dir} is being written by another conspo process (PID "
+                           f"{holder}); wait for it to end or stop it, or choose another --output-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            import fcntl
+
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+
+def _entries(output_dir: Path) -> list[Path]:
+    """What a directory holds, its conspo lock file aside."""
+    return [p for p in output_dir.iterdir() if p.name != LOCK_FILE] if output_dir.is_dir() else []
 
 
 def read_run_record(output_dir: Path) -> dict | None:
@@ -498,7 +583,7 @@ def check_output_dir(plan: RunPlan, *, resume: bool, overwrite: bool) -> str:
         raise RunError(f"--output-dir {out}: {existing} is a file, so the directory cannot be made there")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunError(f"--output-dir {out}: {existing} is not writable; choose a directory you can write to")
-    occupied = out.is_dir() and any(out.iterdir())
+    occupied = bool(_entries(out))
     previous = read_run_record(out) if occupied else None
     if occupied and previous is None:
         raise RunError(f"--output-dir {out} is not empty and holds no conspo run (no {RUN_FILE} written by conspo); "
@@ -538,7 +623,11 @@ def prepare_output_dir(plan: RunPlan, action: str) -> None:
     out = plan.output_dir
     if action == "replace":
         print(f"[conspo] --overwrite: deleting the run in {out}")
-        shutil.rmtree(out)
+        for entry in _entries(out):  # the lock file stays: this process holds it
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / RUN_FILE, json.dumps(plan.record(), indent=2))
 
@@ -712,13 +801,27 @@ def train(
                     seed=seed, max_steps=max_steps, report_to=report_to, lora=lora, lora_r=lora_r,
                     eval_limit=eval_limit, eval_every=eval_every, val_size=val_size, **overrides)
     action = check_output_dir(plan, resume=resume, overwrite=overwrite)
+    lock = RunLock(plan.output_dir)
+    if action != "finished":
+        lock.acquire()  # one writer per output directory, for the run's lifetime
+    try:
+        if action != "finished":  # decided again under the lock: another process may have written meanwhile
+            action = check_output_dir(plan, resume=resume, overwrite=overwrite)
+        if action == "finished":
+            summary = json.loads((plan.output_dir / SUMMARY_FILE).read_text())
+            print(f"[conspo] --resume: {plan.output_dir} holds this run, finished ({summary.get('steps')} of "
+                  f"{plan.max_steps} steps; {SUMMARY_FILE}); nothing to train, nothing rewritten")
+            return summary
+        prepare_output_dir(plan, action)
+        return _run(plan, resume=resume, strict_rewards=strict_rewards)
+    finally:
+        lock.release()
+
+
+def _run(plan: RunPlan, *, resume: bool, strict_rewards: bool) -> dict[str, Any]:
+    """The run itself, in its prepared output directory (:func:`train`)."""
     output_dir, args, task_obj, template = plan.output_dir, plan.args, plan.task, plan.template
-    if action == "finished":
-        summary = json.loads((output_dir / SUMMARY_FILE).read_text())
-        print(f"[conspo] --resume: {output_dir} holds this run, finished ({summary.get('steps')} of "
-              f"{args.max_steps} steps; {SUMMARY_FILE}); nothing to train, nothing rewritten")
-        return summary
-    prepare_output_dir(plan, action)
+    method, model, lora, lora_r = plan.method, plan.model, plan.lora, plan.lora_r
     for note in plan.notes:
         print(f"[conspo] {note}")
 
@@ -810,6 +913,8 @@ def train(
     if best is not None:
         final_record["eval/val_accuracy"] = best.observe(trained, trainer.state.global_step)
     if trainer.is_world_process_zero():
+        if checkpoint is not None:  # killed after the final evaluation: its record is there once already
+            drop_evaluation_records(metrics_path, trainer.state.global_step)
         with metrics_path.open("a") as fh:
             fh.write(json.dumps(final_record) + "\n")
     final_dir = output_dir / "final"
