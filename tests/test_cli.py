@@ -24,6 +24,23 @@ def test_help_imports_neither_torch_nor_transformers():
     assert "HEAVY []" in out
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--method", "ppo"], "invalid choice: 'ppo'"),
+    (["train", "--max-steps", "ten"], "invalid int value: 'ten'"),
+    (["compare", "--method", "grpo"], "conspo compare takes --methods"),
+])
+def test_a_mistyped_script_option_is_answered_before_torch_is_imported(argv, needle):
+    code = (
+        "import sys\n"
+        "from conspo.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    print('EXIT', e.code)\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "EXIT 2" in proc.stdout and "HEAVY []" in proc.stdout
+    assert needle in proc.stderr
+
+
 @pytest.mark.parametrize("command", ["train", "eval", "compare"])
 def test_subcommand_help_lists_options(command):
     out = subprocess.run([sys.executable, "-m", "conspo.cli", command, "--help"], capture_output=True, text=True,

@@ -79,3 +79,30 @@ def test_compare_writes_table_and_figures_and_reuses_runs(tmp_path, capsys):
     compare(["conspo", "grpo"], 2, out, eval_samples=1, ks=[1], **options)
     assert capsys.readouterr().out.count("other sampling settings") == 4
     assert json.loads((out / "conspo" / "seed0" / "eval_summary.json").read_text())["ks"] == [1]
+
+
+def test_the_table_reports_the_validation_chosen_checkpoint_with_its_rule(tmp_path):
+    from conspo.compare import write_report
+    from conspo.run import SELECTION_RULE
+
+    summaries = {}
+    for method, tests in (("conspo", (0.30, 0.40)), ("grpo", (0.20, 0.22))):
+        runs = []
+        for seed, test in enumerate(tests):
+            run = tmp_path / method / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/heldout_accuracy": 0.1}) + "\n")
+            runs.append({"method": method, "seed": seed, "heldout_before": 0.1, "heldout_after": 0.5, "steps": 4,
+                         "metrics": str(run / "metrics.jsonl"), "final_checkpoint": str(run / "final"),
+                         "selection": {"rule": SELECTION_RULE.format(n=64), "best_step": 2 + seed,
+                                       "heldout_accuracy": test}})
+        summaries[method] = runs
+    context = {"task": "arithmetic", "model": "m", "max_steps": 4, "rollouts_per_step": 16, "num_generations": 4,
+               "max_completion_length": 6, "heldout_problems": 20, "seeds": [0, 1], "val_size": 64}
+    result = write_report(tmp_path, summaries, context=context)
+    table = (tmp_path / "results.md").read_text()
+    assert "| best checkpoint (validation-chosen) | best steps |" in table
+    assert "| conspo | 2 | 4 | 10.0 ± 0.0 | 50.0 ± 0.0 | +40.0 ± 0.0 | 35.0 ± 7.1 | 2 3 |" in table
+    assert ("checkpoint chosen on a validation split of 64 train problems, never on the test problems; the ConSPO "
+            "paper picked checkpoints on its test benchmarks") in table
+    assert result["rows"][1]["best_mean"] == pytest.approx(0.21)

@@ -125,12 +125,15 @@ def _config_parser(prog: str, description: str, usage: str):
     return parser
 
 
-def build_train_parser() -> argparse.ArgumentParser:
-    p = _config_parser("conspo train", _HELP["train"] + ". Precedence: conspo's defaults < the method's preset < "
-                       "--config YAML < flags given on the command line.",
-                       "%(prog)s [--method METHOD] [--model MODEL] [--task TASK | --dataset FILE] [--config YAML] "
-                       "[--output-dir DIR] [--seed N] [--max-steps N] [--resume | --overwrite] [--val-size N] "
-                       "[--<ConSPOConfig field> VALUE ...]")
+TRAIN_USAGE = ("%(prog)s [--method METHOD] [--model MODEL] [--task TASK | --dataset FILE] [--config YAML] "
+               "[--output-dir DIR] [--seed N] [--max-steps N] [--resume | --overwrite] [--val-size N] "
+               "[--<ConSPOConfig field> VALUE ...]")
+COMPARE_USAGE = ("%(prog)s [--methods A,B,...] [--seeds N] [--model MODEL] [--task TASK | --dataset FILE] "
+                 "[--config YAML] [--output-dir DIR] [--max-steps N] [--eval-samples N] [--k K,...] "
+                 "[--val-size N] [--<ConSPOConfig field> VALUE ...]")
+
+
+def _add_train_script_options(p) -> None:
     p.add_argument("--method", choices=METHODS, default="conspo", help="objective or baseline preset")
     _add_source_options(p)
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
@@ -146,15 +149,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", action=_Refuse,
                    reason="not read by conspo; pass --resume to continue the run in --output-dir",
                    help=argparse.SUPPRESS)
-    return p
 
 
-def build_compare_parser() -> argparse.ArgumentParser:
-    p = _config_parser("conspo compare", _HELP["compare"] + ". Finished runs with the same settings are reused, "
-                       "unfinished ones resumed, runs recorded with other settings trained again.",
-                       "%(prog)s [--methods A,B,...] [--seeds N] [--model MODEL] [--task TASK | --dataset FILE] "
-                       "[--config YAML] [--output-dir DIR] [--max-steps N] [--eval-samples N] [--k K,...] "
-                       "[--val-size N] [--<ConSPOConfig field> VALUE ...]")
+def _add_compare_script_options(p) -> None:
     p.add_argument("--methods", default="conspo,disco,grpo,dapo,gspo", help="comma-separated methods")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds: runs with seeds 0..N-1")
     p.add_argument("--eval-samples", "--eval_samples", dest="eval_samples", type=int, default=4,
@@ -174,7 +171,35 @@ def build_compare_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, action=_Refuse, reason=reason, help=argparse.SUPPRESS)
     p.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", action=_Refuse,
                    reason="conspo compare resumes unfinished runs by itself", help=argparse.SUPPRESS)
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = _config_parser("conspo train", _HELP["train"] + ". Precedence: conspo's defaults < the method's preset < "
+                       "--config YAML < flags given on the command line.", TRAIN_USAGE)
+    _add_train_script_options(p)
     return p
+
+
+def build_compare_parser() -> argparse.ArgumentParser:
+    p = _config_parser("conspo compare", _HELP["compare"] + ". Finished runs with the same settings are reused, "
+                       "unfinished ones resumed, runs recorded with other settings trained again.", COMPARE_USAGE)
+    _add_compare_script_options(p)
+    return p
+
+
+_SCRIPT_OPTIONS = {"train": (_add_train_script_options, TRAIN_USAGE),
+                   "compare": (_add_compare_script_options, COMPARE_USAGE)}
+
+
+def precheck(command: str, argv: list[str]) -> None:
+    """The script options alone, on a light parser, before the full one imports torch: a mistyped method or a
+    refused flag is answered at once (exit 2), not after the seconds the config class takes to import."""
+    if any(a in ("-h", "--help") for a in argv):
+        return
+    add, usage = _SCRIPT_OPTIONS[command]
+    light = argparse.ArgumentParser(prog=f"conspo {command}", usage=usage, add_help=False, allow_abbrev=False)
+    add(light)
+    light.parse_known_args(argv)
 
 
 def build_eval_parser(ev: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -249,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _BUILDERS:
         command = argv[0]
+        precheck(command, argv[1:])
         ns, explicit = parse_explicit(_BUILDERS[command](), argv[1:])
         ns.command, ns._explicit = command, explicit
     else:
