@@ -436,6 +436,12 @@ def test_a_bad_flag_value_names_the_command_line_and_a_lora_adapter_is_named(tmp
     message = refused(capsys, tmp_path, "train", "--model", str(adapter), "--output-dir", "run")
     assert "is a LoRA adapter, not a model" in message and "merge it into its base model org/base" in message
     assert not (tmp_path / "run").exists()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # a model directory transformers cannot load
+    message = refused(capsys, tmp_path, "train", "--model", str(broken), "--output-dir", "runs/run")
+    assert f"--model {broken}: cannot be loaded" in message
+    assert not (tmp_path / "runs").exists()  # the load failed before the output directory was made
 
 
 # ----------------------------------------------------------------------------------------------- item 9: messages

@@ -801,6 +801,7 @@ def train(
                     seed=seed, max_steps=max_steps, report_to=report_to, lora=lora, lora_r=lora_r,
                     eval_limit=eval_limit, eval_every=eval_every, val_size=val_size, **overrides)
     action = check_output_dir(plan, resume=resume, overwrite=overwrite)
+    made = [p for p in (plan.output_dir, *plan.output_dir.parents) if not p.exists()]  # deepest first
     lock = RunLock(plan.output_dir)
     if action != "finished":
         lock.acquire()  # one writer per output directory, for the run's lifetime
@@ -812,18 +813,23 @@ def train(
             print(f"[conspo] --resume: {plan.output_dir} holds this run, finished ({summary.get('steps')} of "
                   f"{plan.max_steps} steps; {SUMMARY_FILE}); nothing to train, nothing rewritten")
             return summary
-        prepare_output_dir(plan, action)
-        return _run(plan, resume=resume, strict_rewards=strict_rewards)
+        return _run(plan, action, resume=resume, strict_rewards=strict_rewards)
     finally:
         lock.release()
+        if made and not _entries(plan.output_dir):  # failed before writing anything: leave no directory either
+            (plan.output_dir / LOCK_FILE).unlink(missing_ok=True)
+            for path in made:
+                try:
+                    path.rmdir()
+                except OSError:
+                    break
 
 
-def _run(plan: RunPlan, *, resume: bool, strict_rewards: bool) -> dict[str, Any]:
-    """The run itself, in its prepared output directory (:func:`train`)."""
+def _run(plan: RunPlan, action: str, *, resume: bool, strict_rewards: bool) -> dict[str, Any]:
+    """The run itself (:func:`train`): the model is loaded before the output directory is prepared, so a model
+    that cannot be loaded leaves nothing behind."""
     output_dir, args, task_obj, template = plan.output_dir, plan.args, plan.task, plan.template
     method, model, lora, lora_r = plan.method, plan.model, plan.lora, plan.lora_r
-    for note in plan.notes:
-        print(f"[conspo] {note}")
 
     import torch
     from datasets import Dataset
@@ -843,14 +849,20 @@ def _run(plan: RunPlan, *, resume: bool, strict_rewards: bool) -> dict[str, Any]
     else:
         from transformers import AutoModelForCausalLM
 
-        from conspo.evaluation import load_tokenizer
+        from conspo.evaluation import EvalError, load_tokenizer
 
-        tokenizer = load_tokenizer(model)  # keeps conspo's character tokenizers intact (environment notes)
+        try:
+            tokenizer = load_tokenizer(model)  # keeps conspo's character tokenizers intact (environment notes)
+            policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        except (EvalError, OSError, ValueError) as err:
+            raise RunError(f"--model {model}: cannot be loaded: {' '.join(str(err).split())}") from err
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     if not args.use_cpu and torch.cuda.is_available():
         policy = policy.to("cuda")
+    prepare_output_dir(plan, action)
+    for note in plan.notes:
+        print(f"[conspo] {note}")
 
     verifier = make_reward_func(task_obj.verifier, name="correct", strict=strict_rewards, timeout_s=REWARD_TIMEOUT_S)
     reward_funcs = [verifier, *preset_reward_funcs(method, args, overlong_after=task_obj.overlong_after)]
