@@ -518,9 +518,9 @@ def test_a_batch_that_is_not_whole_groups_raises(tiny_dir, tmp_path):
     trainer = _trainer(tiny_dir, tmp_path, odd_digit_parity)
     batch = {"conspo_group_ids": torch.tensor([0, 0, 0, 0, 1, 1, 1, 2])}
     with pytest.raises(RuntimeError, match="does not hold whole groups of num_generations=4"):
-        trainer._split_whole_groups(batch)
+        trainer._split_generation_batch(batch)
     with pytest.raises(RuntimeError, match="does not hold whole groups"):
-        trainer._split_whole_groups({"conspo_group_ids": torch.tensor([0, 0, 0, 0, 1, 1])})
+        trainer._split_generation_batch({"conspo_group_ids": torch.tensor([0, 0, 0, 0, 1, 1])})
 
 
 def test_an_empty_dataset_fails_before_any_work(tmp_path):
