@@ -55,7 +55,7 @@ def starts_odd(prompts, completions, **kwargs):
         (dict(truncated="keep"), "truncated='keep' is not supported"),
         (dict(trust_region_delta=0), "trust_region_delta must be a positive finite number"),
         (dict(use_liger_kernel=True), "use_liger_kernel=True"),
-        (dict(num_generations=1, per_device_train_batch_size=8), "at least 2 generations"),
+        (dict(num_generations=1, per_device_train_batch_size=8), "num_generations must be an integer in [2, inf)"),
         (dict(per_device_train_batch_size=6, gradient_accumulation_steps=2, group_batching="whole_groups"),
          "multiple of num_generations (4)"),
         (dict(per_device_train_batch_size=6, gradient_accumulation_steps=1), "divisible by num_generations"),
@@ -77,9 +77,10 @@ def test_group_batching_auto_picks_the_exact_strategy(tmp_path):
     assert _config(tmp_path, per_device_train_batch_size=6, gradient_accumulation_steps=2).group_batching == "credit"
 
 
-def test_tau_default_depends_on_objective(tmp_path):
-    assert _config(tmp_path).tau == 0.1
+def test_tau_default_is_the_papers_for_both_objectives(tmp_path):
+    assert _config(tmp_path).tau == 10.0
     assert _config(tmp_path, objective="disco").tau == 10.0
+    assert _config(tmp_path, objective="trl").tau is None  # not read by TRL's losses
     assert _config(tmp_path, objective="disco", tau=2.0).tau == 2.0
 
 
