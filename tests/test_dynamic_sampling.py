@@ -139,7 +139,8 @@ def test_degenerate_groups_dropped_from_trls_loss(model_dir, tmp_path):
 
 
 def test_drop_degenerate_groups_for_own_objectives_leaves_counts(model_dir, tmp_path):
-    """ConSPO with group_norm='all': dropped groups leave the normaliser (so the loss is the valid-groups mean)."""
+    """ConSPO with group_norm='all' and drop_degenerate_groups: exactly the rows of the mixed groups (judged from the
+    decoded completions' rewards) stay in the loss's rows, so the degenerate ones leave the 'all' normaliser too."""
     settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_generations=4,
                     max_completion_length=3, max_steps=1, learning_rate=0.0, group_norm="all", **BASE)
     trainer = _Seen(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=rare_seven,
