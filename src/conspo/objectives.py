@@ -1,6 +1,7 @@
 """The math core of conspo: sequence scores, the ConSPO and DisCO objectives, credits, margins.
 
-Everything here is a pure function of torch tensors and imports nothing but torch. The contract is
+Everything here is a pure function of torch tensors and imports nothing but torch (and the standard-library
+argument checks of ``conspo.checks``). The contract is
 ``docs/objectives.md``; section numbers below refer to it.
 
 Shapes are named once:
@@ -28,6 +29,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from conspo import checks
 
 __all__ = [
     "LossOutput",
@@ -87,19 +90,6 @@ class TrustRegion(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 # Input checks. Every error names the argument and what is accepted.
 # --------------------------------------------------------------------------------------------------
-
-
-def _choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name}={value!r} is not supported; accepted values: {', '.join(map(repr, accepted))}")
-
-
-def _positive_finite(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def check_tau(value: float) -> float:
@@ -274,8 +264,8 @@ def clipped_ratio_scores(
             raise ValueError(f"{name} must have the shape of logps {tuple(logps.shape)}, got {_describe(t)}")
     if not isinstance(correct, Tensor) or correct.shape != logps.shape[:1]:
         raise ValueError(f"correct must be a tensor of shape ({logps.shape[0]},), got {_describe(correct)}")
-    eps_low = _positive_finite("eps_low", eps_low)
-    eps_high = _positive_finite("eps_high", eps_high)
+    eps_low = checks.positive("eps_low", eps_low)
+    eps_high = checks.positive("eps_high", eps_high)
     if eps_low >= 1:
         raise ValueError(f"eps_low must be in (0, 1) (the ratio floor 1 - eps_low must stay positive), got {eps_low!r}")
     dtype = _float_dtype(logps)
@@ -332,10 +322,9 @@ def conspo_loss(
     scores, correct, group_ids = _check_group_inputs(scores, correct, group_ids)
     tau = check_tau(tau)
     _check_normalizer(normalizer)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
-        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
-    _choice("neg_reduce", neg_reduce, NEG_REDUCES)
-    _choice("group_norm", group_norm, GROUP_NORMS)
+    checks.at_least("margin", margin, 0)
+    checks.choice("neg_reduce", neg_reduce, NEG_REDUCES)
+    checks.choice("group_norm", group_norm, GROUP_NORMS)
 
     dtype = _float_dtype(scores)
     s = scores.to(dtype)
@@ -396,8 +385,8 @@ def disco_loss(
     scores, correct, group_ids = _check_group_inputs(scores, correct, group_ids)
     tau = check_tau(tau)
     _check_normalizer(normalizer)
-    _choice("variant", variant, DISCO_VARIANTS)
-    _choice("group_norm", group_norm, GROUP_NORMS)
+    checks.choice("variant", variant, DISCO_VARIANTS)
+    checks.choice("group_norm", group_norm, GROUP_NORMS)
 
     dtype = _float_dtype(scores)
     s = scores.to(dtype)
@@ -548,14 +537,11 @@ def margin_at(
     * ``cosine``:   m0 + (m_max - m0) * (1 - cos(pi * u)) / 2
     * ``step``:     m0 before ``step_at``, m_max from ``step_at`` on (``step_at`` is required)
     """
-    _choice("schedule", schedule, MARGIN_SCHEDULES)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
-    for name, value in (("m0", m0), ("m_max", m_max)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    checks.choice("schedule", schedule, MARGIN_SCHEDULES)
+    checks.integer("step", step, 0)
+    checks.integer("total_steps", total_steps, 1)
+    checks.at_least("m0", m0, 0)
+    checks.at_least("m_max", m_max, 0)
     if isinstance(ramp_frac, bool) or not isinstance(ramp_frac, (int, float)) or not 0 < ramp_frac <= 1:
         raise ValueError(f"ramp_frac must be in (0, 1], got {ramp_frac!r}")
     if schedule == "constant":
@@ -590,8 +576,8 @@ def kl_trust_region(
     for name, t in (("old_logps", old_logps), ("mask", mask)):
         if not isinstance(t, Tensor) or t.shape != logps.shape:
             raise ValueError(f"{name} must have the shape of logps {tuple(logps.shape)}, got {_describe(t)}")
-    delta = _positive_finite("delta", delta)
-    beta = _positive_finite("beta", beta)
+    delta = checks.positive("delta", delta)
+    beta = checks.positive("beta", beta)
     dtype = _float_dtype(logps)
     keep = mask if mask.dtype == torch.bool else mask != 0
     diff = torch.where(keep, old_logps.detach().to(dtype) - logps.to(dtype), 0.0)
@@ -656,8 +642,8 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, scale: str = "group"
         raise ValueError(f"group_ids must be a tensor of shape ({b},) matching rewards, got {_describe(group_ids)}")
     if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
         raise ValueError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
-    _choice("scale", scale, ADVANTAGE_SCALES)
-    eps = _positive_finite("eps", eps)
+    checks.choice("scale", scale, ADVANTAGE_SCALES)
+    eps = checks.positive("eps", eps)
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards must be finite; got NaN or infinity (score unscorable rollouts before this call)")
 
@@ -752,8 +738,8 @@ def gmpo_loss(
             f"advantages must be a 1-D floating-point tensor of shape ({shape[0]},), one per row of logps, "
             f"got {_describe(advantages)}"
         )
-    eps_low = _positive_finite("eps_low", eps_low)
-    eps_high = _positive_finite("eps_high", eps_high)
+    eps_low = checks.positive("eps_low", eps_low)
+    eps_high = checks.positive("eps_high", eps_high)
     _check_row_normalizer(normalizer)
 
     dtype = _float_dtype(logps)

@@ -38,17 +38,17 @@ import dataclasses
 import inspect
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
-from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 
+from conspo import checks
 from conspo import fast_generation as fastgen
 from conspo import objectives as obj
 
@@ -215,15 +215,15 @@ class ConSPOConfig(GRPOConfig):
     def __post_init__(self) -> None:
         _check_trl_numbers(self)  # before TRL's own checks, which fail on some of these with less clear errors
         super().__post_init__()
-        _choice("objective", self.objective, OBJECTIVES)
-        _choice("group_batching", self.group_batching, GROUP_BATCHING)
-        _choice("margin_schedule", self.margin_schedule, obj.MARGIN_SCHEDULES)
-        _choice("neg_reduce", self.neg_reduce, obj.NEG_REDUCES)
-        _choice("group_norm", self.group_norm, obj.GROUP_NORMS)
-        _choice("disco_variant", self.disco_variant, obj.DISCO_VARIANTS)
-        _choice("truncated", self.truncated, TRUNCATED_POLICIES)
-        _choice("score", self.score, obj.SCORES)
-        _choice("fast_generation", self.fast_generation, fastgen.MODES)
+        checks.choice("objective", self.objective, OBJECTIVES)
+        checks.choice("group_batching", self.group_batching, GROUP_BATCHING)
+        checks.choice("margin_schedule", self.margin_schedule, obj.MARGIN_SCHEDULES)
+        checks.choice("neg_reduce", self.neg_reduce, obj.NEG_REDUCES)
+        checks.choice("group_norm", self.group_norm, obj.GROUP_NORMS)
+        checks.choice("disco_variant", self.disco_variant, obj.DISCO_VARIANTS)
+        checks.choice("truncated", self.truncated, TRUNCATED_POLICIES)
+        checks.choice("score", self.score, obj.SCORES)
+        checks.choice("fast_generation", self.fast_generation, fastgen.MODES)
         compile_options = self.fast_generation_compile
         if compile_options is not None and (not isinstance(compile_options, dict)
                                             or not set(compile_options) <= set(fastgen.COMPILE_KEYS)):
@@ -246,16 +246,16 @@ class ConSPOConfig(GRPOConfig):
                                  f"number (in [{obj.TAU_MIN:g}, {obj.TAU_MAX:g}])")
         else:
             self.tau = obj.check_tau(self.tau)
-        _positive("tau_auto_factor", self.tau_auto_factor)
+        checks.positive("tau_auto_factor", self.tau_auto_factor)
         if self.trust_region is None and self.objective in GROUP_COUPLED:
             self.trust_region = self.objective == "disco"
         if self.trust_region is not None and not isinstance(self.trust_region, bool):
             raise ValueError(f"trust_region must be true, false or unset (None: on for disco, off otherwise), "
                              f"got {self.trust_region!r}")
-        _positive("trust_region_delta", self.trust_region_delta)
-        _positive("trust_region_beta", self.trust_region_beta)
-        _positive("gmpo_epsilon_low", self.gmpo_epsilon_low)
-        _positive("gmpo_epsilon_high", self.gmpo_epsilon_high)
+        checks.positive("trust_region_delta", self.trust_region_delta)
+        checks.positive("trust_region_beta", self.trust_region_beta)
+        checks.positive("gmpo_epsilon_low", self.gmpo_epsilon_low)
+        checks.positive("gmpo_epsilon_high", self.gmpo_epsilon_high)
         rounds = self.dynamic_sampling_max_rounds
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"dynamic_sampling_max_rounds must be an integer >= 1, got {rounds!r}")
@@ -277,8 +277,7 @@ class ConSPOConfig(GRPOConfig):
         step = self.dump_batch_step
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
             raise ValueError(f"dump_batch_step must be None or an optimizer step >= 1 (1-based), got {step!r}")
-        if not math.isfinite(self.correct_threshold):
-            raise ValueError(f"correct_threshold must be finite, got {self.correct_threshold!r}")
+        checks.finite("correct_threshold", self.correct_threshold)
         # margin_at validates the schedule parameters; call it once so errors come at construction.
         obj.margin_at(0, 1, schedule=self.margin_schedule, m0=self.margin_start, m_max=self.margin_max,
                       ramp_frac=self.margin_ramp_frac, step_at=self.margin_step_at)
@@ -356,39 +355,16 @@ def _refuse_without_effect(config: ConSPOConfig) -> None:
 
 def _check_trl_numbers(config: ConSPOConfig) -> None:
     """The TRL fields the objectives depend on, checked with the field and the accepted range in the message."""
-    def number(name, low=None, high=None, *, low_open=False, integer=False):
-        value = getattr(config, name)
-        kind = int if integer else (int, float)
-        ok = not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
-        if ok and low is not None:
-            ok = value > low if low_open else value >= low
-        if ok and high is not None:
-            ok = value <= high
-        if not ok:
-            where = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}"
-            where += "]" if high is not None else ")"
-            raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'} in {where}, got {value!r}")
-
-    number("learning_rate", 0)
-    number("beta", 0)
-    number("temperature", 0, low_open=True)
-    number("top_p", 0, 1, low_open=True)
-    number("max_completion_length", 1, integer=True)
-    number("num_generations", 2, integer=True)
-    number("num_iterations", 1, integer=True)
-    number("epsilon", 0)
+    checks.in_range("learning_rate", config.learning_rate, 0)
+    checks.in_range("beta", config.beta, 0)
+    checks.in_range("temperature", config.temperature, 0, low_open=True)
+    checks.in_range("top_p", config.top_p, 0, 1, low_open=True)
+    checks.in_range("max_completion_length", config.max_completion_length, 1, integer=True)
+    checks.in_range("num_generations", config.num_generations, 2, integer=True)
+    checks.in_range("num_iterations", config.num_iterations, 1, integer=True)
+    checks.in_range("epsilon", config.epsilon, 0)
     if config.epsilon_high is not None:
-        number("epsilon_high", 0)
-
-
-def _choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name}={value!r} is not supported; accepted values: {', '.join(map(repr, accepted))}")
-
-
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        checks.in_range("epsilon_high", config.epsilon_high, 0)
 
 
 def check_trl_internals() -> None:

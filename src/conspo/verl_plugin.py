@@ -48,7 +48,6 @@ at every optimizer step, ppo_epochs > 1 included. Documented departures (docs/ve
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import warnings
 from collections.abc import Mapping
@@ -73,6 +72,7 @@ def _report_failure(exc: BaseException) -> None:
 try:
     from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
 
+    from conspo import checks
     from conspo.objectives import (
         DISCO_VARIANTS,
         MARGIN_SCHEDULES,
@@ -118,20 +118,6 @@ _GROUP_SETTINGS = (
 # Names and defaults are those of the TRL trainer's ConSPOConfig (docs/objectives.md); the old names of
 # this plug-in are deprecated aliases.
 # --------------------------------------------------------------------------------------------------
-
-
-def _number(name: str, value: Any, *, low: float, low_inclusive: bool) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or value < low or (value == low and not low_inclusive):
-        bound = f">= {low}" if low_inclusive else f"> {low}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
-def _choice(name: str, value: Any, accepted: tuple[str, ...]) -> str:
-    if value not in accepted:
-        raise ValueError(f"{name}={value!r} is not supported; accepted values: {', '.join(map(repr, accepted))}")
-    return value
 
 
 def _tau(prefix: str, value: Any) -> float:
@@ -223,12 +209,12 @@ class ConSPOOptions:
     def __post_init__(self) -> None:
         p = "policy_loss.conspo"
         object.__setattr__(self, "tau", _tau(p, self.tau))
-        _choice(f"{p}.margin_schedule", self.margin_schedule, MARGIN_SCHEDULES)
-        _choice(f"{p}.neg_reduce", self.neg_reduce, NEG_REDUCES)
+        checks.choice(f"{p}.margin_schedule", self.margin_schedule, MARGIN_SCHEDULES)
+        checks.choice(f"{p}.neg_reduce", self.neg_reduce, NEG_REDUCES)
         _group_norm(p, self.group_norm)
         object.__setattr__(self, "trust_region", _trust_region(p, self.trust_region, False))
-        _number(f"{p}.trust_region_delta", self.trust_region_delta, low=0.0, low_inclusive=False)
-        _number(f"{p}.trust_region_beta", self.trust_region_beta, low=0.0, low_inclusive=False)
+        checks.at_least(f"{p}.trust_region_delta", self.trust_region_delta, 0, inclusive=False)
+        checks.at_least(f"{p}.trust_region_beta", self.trust_region_beta, 0, inclusive=False)
         schedule = self.margin_schedule
         idle = {}
         if schedule == "constant":
@@ -240,8 +226,8 @@ class ConSPOOptions:
         if not self.trust_region:
             idle["trust_region_delta"] = idle["trust_region_beta"] = "the trust region is off: set trust_region=True"
         _refuse_idle(p, self, idle)
-        _number(f"{p}.margin_start", self.margin_start, low=0.0, low_inclusive=True)
-        _number(f"{p}.margin_max", self.margin_max, low=0.0, low_inclusive=True)
+        checks.at_least(f"{p}.margin_start", self.margin_start, 0, inclusive=True)
+        checks.at_least(f"{p}.margin_max", self.margin_max, 0, inclusive=True)
         frac = self.margin_ramp_frac
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
             raise ValueError(f"{p}.margin_ramp_frac must be in (0, 1], got {frac!r}")
@@ -297,11 +283,11 @@ class DiscoOptions:
     def __post_init__(self) -> None:
         p = "policy_loss.disco"
         object.__setattr__(self, "tau", _tau(p, self.tau))
-        _choice(f"{p}.disco_variant", self.disco_variant, DISCO_VARIANTS)
+        checks.choice(f"{p}.disco_variant", self.disco_variant, DISCO_VARIANTS)
         _group_norm(p, self.group_norm)
         object.__setattr__(self, "trust_region", _trust_region(p, self.trust_region, True))
-        _number(f"{p}.trust_region_delta", self.trust_region_delta, low=0.0, low_inclusive=False)
-        _number(f"{p}.trust_region_beta", self.trust_region_beta, low=0.0, low_inclusive=False)
+        checks.at_least(f"{p}.trust_region_delta", self.trust_region_delta, 0, inclusive=False)
+        checks.at_least(f"{p}.trust_region_beta", self.trust_region_beta, 0, inclusive=False)
         idle = {}
         if self.disco_variant == "basic":
             idle["tau"] = "disco_variant basic has no temperature"
@@ -505,9 +491,7 @@ def compute_group_codes(
     if index is None:
         raise ValueError("the conspo estimator needs verl's prompt uid ('index'); the batch has no 'uid' field")
     options = _section(config, "conspo") or {}
-    threshold = _number(
-        "algorithm.conspo.correct_threshold", options.get("correct_threshold", 0.5), low=-math.inf, low_inclusive=True
-    )
+    threshold = checks.finite("algorithm.conspo.correct_threshold", options.get("correct_threshold", 0.5))
     unknown = sorted(set(options) - {"correct_threshold"})
     if unknown:
         raise ValueError(f"algorithm.conspo has unknown option(s) {unknown}; accepted: ['correct_threshold']")
