@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -628,3 +629,75 @@ def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(tiny
         assert_same_run(run, tmp_path / "reference")
     except AssertionError as err:
         raise AssertionError(f"{err} {note}") from err
+
+
+# ----------------------------------------------------------------------------------------------- SIGINT / SIGTERM
+
+
+def _wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if max(_logged_steps(run / "metrics.jsonl"), default=0) >= step:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run did not log step {step} (exit {proc.poll()})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_step_saves_and_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path, signum,
+                                                                                     code):
+    """`conspo train` sent SIGINT / SIGTERM after its first logged step: it finishes the step, saves a complete
+    checkpoint there (save_steps 3 would not have saved one at steps 1-2), prints the --resume command and exits
+    130 / 143; that command finishes the run bit-identical to an uninterrupted one, metrics.jsonl included."""
+    config = tmp_path / "config.yaml"
+    config.write_text("".join(f"{k}: {v}\n" for k, v in CONFIG.items()))
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    reference = subprocess.Popen(_command(tiny_dir, tmp_path / "reference", config, "--save-steps", "3"), env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "run"
+    victim = subprocess.Popen(_command(tiny_dir, run, config, "--save-steps", "3"), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run, victim, 1)
+    victim.send_signal(signum)
+    out, err = victim.communicate(timeout=300)
+    assert victim.returncode == code, out[-2000:] + err[-2000:]
+    assert "Traceback" not in err
+    stopped = [line for line in err.splitlines() if line.startswith(f"[conspo] stopped by {signum.name} after step")]
+    assert len(stopped) == 1, err[-2000:]
+    step = int(stopped[0].split("after step ")[1].split()[0])
+    assert step in (1, 2, 3)
+    assert checkpoint_problem(run / f"checkpoint-{step}") is None  # complete, optimizer included
+    assert not (run / "summary.json").exists() and not (run / "final").exists()
+    assert _logged_steps(run / "metrics.jsonl") == list(range(1, step + 1))
+    command = stopped[0].split("continue with: ")[1]
+    assert command.startswith("conspo train ") and command.endswith(" --resume") and str(run) in command
+
+    resumed = subprocess.run([sys.executable, "-m", "conspo.cli", *shlex.split(command)[1:]], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"continuing from {run / f'checkpoint-{step}'}" in resumed.stdout
+    _, ref_err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, ref_err[-2000:]
+    assert_same_run(run, tmp_path / "reference")
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once(tiny_dir, tmp_path):
+    """Two SIGINTs: the second stops at once (exit 130, one line, no traceback), before the step is saved; the run
+    keeps what it had (no summary.json) and --resume is named."""
+    config = tmp_path / "config.yaml"
+    config.write_text("".join(f"{k}: {v}\n" for k, v in {**CONFIG, "save_steps": 100}.items()))
+    run = tmp_path / "run"
+    victim = subprocess.Popen(_command(tiny_dir, run, config, "--max-steps", "200"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run, victim, 1)
+    victim.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    victim.send_signal(signal.SIGINT)
+    out, err = victim.communicate(timeout=120)
+    assert victim.returncode == 130, out[-2000:] + err[-2000:]
+    assert "Traceback" not in err
+    assert "stopped at once by SIGINT" in err and "--resume" in err
+    assert max(_logged_steps(run / "metrics.jsonl")) < 100 and not list(run.glob("checkpoint-*"))
+    assert not (run / "summary.json").exists()

@@ -180,6 +180,14 @@ def whole_run_loss(log_history: Sequence[dict[str, Any]]) -> float | None:
 # ----------------------------------------------------------------------------------------------- schedule
 
 
+def generation_period(args: Any) -> int:
+    """Optimizer steps that one generation batch feeds (``steps_per_generation x num_iterations`` micro-steps over
+    ``gradient_accumulation_steps``, to a whole number): a run can stop and resume exactly only on its multiples."""
+    accumulation = args.gradient_accumulation_steps
+    micro = args.steps_per_generation * args.num_iterations
+    return math.lcm(micro, accumulation) // accumulation
+
+
 def align_save_steps(args: Any) -> str | None:
     """Round ``args.save_steps`` up to a whole number of generation batches; return a note when changed.
 
@@ -190,9 +198,7 @@ def align_save_steps(args: Any) -> str | None:
     """
     if str(getattr(args.save_strategy, "value", args.save_strategy)) != "steps" or not args.save_steps:
         return None
-    accumulation = args.gradient_accumulation_steps
-    micro = args.steps_per_generation * args.num_iterations
-    period = math.lcm(micro, accumulation) // accumulation  # optimizer steps per generation cycle
+    period = generation_period(args)
     steps = args.save_steps if args.save_steps >= 1 else math.ceil(args.max_steps * args.save_steps)
     steps = int(math.ceil(steps))
     if steps % period == 0:
@@ -310,7 +316,7 @@ def prepare_resume(output_dir: str | Path, metrics_path: str | Path, *, expect_o
 
 __all__ = [
     "SaveError", "align_save_steps", "checkpoint_problem", "checkpoint_step", "drop_evaluation_records",
-    "guard_checkpoint_saves",
+    "generation_period", "guard_checkpoint_saves",
     "last_complete_checkpoint", "prepare_resume", "restore_finished", "save_error", "truncate_metrics",
     "whole_run_loss", "write_atomic",
 ]

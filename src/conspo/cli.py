@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         command = argv[0]
         precheck(command, argv[1:])
         ns, explicit = parse_explicit(_BUILDERS[command](), argv[1:])
-        ns.command, ns._explicit = command, explicit
+        ns.command, ns._explicit, ns._argv = command, explicit, argv
     else:
         parser = build_parser()
         ns = parser.parse_args(argv)

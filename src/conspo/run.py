@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 import types
@@ -38,6 +39,7 @@ from conspo.checkpoints import (
     align_save_steps,
     checkpoint_step,
     drop_evaluation_records,
+    generation_period,
     guard_checkpoint_saves,
     last_complete_checkpoint,
     prepare_resume,
@@ -46,6 +48,7 @@ from conspo.checkpoints import (
     whole_run_loss,
     write_atomic,
 )
+from conspo.stopping import EXIT_CODES, GracefulStop, Interrupted, StopNow, resume_command, stop_callback
 
 logger = logging.getLogger("conspo.run")
 
@@ -103,6 +106,10 @@ VAL_SPLIT_SEED = 0
 of a comparison is chosen on the same validation problems."""
 SELECTION_RULE = ("checkpoint chosen on a validation split of {n} train problems, never on the test problems; "
                   "the ConSPO paper picked checkpoints on its test benchmarks")
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
 
 
 class RunError(ValueError):
@@ -731,7 +738,7 @@ class BestCheckpoint:
 # ----------------------------------------------------------------------------------------------- callbacks
 
 
-def _callbacks(metrics_path: Path, evaluate, eval_every: int, best: BestCheckpoint | None = None):
+def _callbacks(metrics_path: Path, evaluate, eval_every: int, best: BestCheckpoint | None = None, stop=None):
     from transformers import TrainerCallback
 
     class MetricsFile(TrainerCallback):
@@ -739,6 +746,8 @@ def _callbacks(metrics_path: Path, evaluate, eval_every: int, best: BestCheckpoi
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
+                if "train_runtime" in logs and stop is not None and stop.step is not None:
+                    return  # stopped on a signal: the resumed run logs the end of training, once
                 if "train_loss" in logs:  # transformers averages only the steps since the last resume
                     logs = {**logs, "train_loss": whole_run_loss(state.log_history)}
                 with metrics_path.open("a") as fh:
@@ -908,14 +917,22 @@ def _run(plan: RunPlan, action: str, *, resume: bool, strict_rewards: bool) -> d
     print(f"[conspo] held-out accuracy before training: {before:.1%} ({len(task_obj.test[:plan.eval_limit])} "
           f"problems)")
 
+    stop = GracefulStop(main=int(os.environ.get("RANK", "0")) == 0)
+    callbacks = _callbacks(metrics_path, evaluate, plan.eval_every, best, stop)
     trainer = ConSPOTrainer(model=policy, reward_funcs=reward_funcs, args=args, train_dataset=train_set,
                             processing_class=tokenizer, peft_config=peft_config,
-                            callbacks=_callbacks(metrics_path, evaluate, plan.eval_every, best))
+                            callbacks=[*callbacks, stop_callback(stop, generation_period(args))])
     guard_checkpoint_saves(trainer)  # disk full while saving: a clear error, the previous checkpoint intact
     if checkpoint is not None and checkpoint_step(checkpoint) >= args.max_steps:
         restore_finished(trainer, checkpoint)  # killed after the last step: transformers would take one more
     else:
-        trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
+        with stop:  # SIGINT / SIGTERM: finish the step, save a checkpoint, stop (conspo.stopping)
+            trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
+    if stop.step is not None:
+        name = signal_name(stop.signum or stop.agreed())
+        raise Interrupted(f"stopped by {name} after step {stop.step} of {args.max_steps}: "
+                          f"{output_dir / f'checkpoint-{stop.step}'} saved (complete); continue with: "
+                          f"{resume_command(COMMAND_ARGV)}", stop.agreed())
 
     trained = trainer.model
     if lora:
@@ -1016,18 +1033,47 @@ def report_error(command: str, err: BaseException) -> None:
     print(f"conspo {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
 
 
+COMMAND_ARGV: list[str] | None = None
+"""The arguments after ``conspo`` of the running ``conspo train`` (None from Python): the ``--resume`` command
+printed after a signal repeats them."""
+
+
+def _stop_now(signum, frame):
+    raise StopNow(signum)
+
+
 def train_command(ns) -> int:
     """``conspo train``: the argparse namespace of ``conspo.cli`` (``ns._explicit``: the flags given)."""
+    global COMMAND_ARGV
     logging.basicConfig(level=os.environ.get("CONSPO_LOG_LEVEL", "WARNING"))
     from conspo.tasks.datasets import DatasetError
 
+    COMMAND_ARGV = getattr(ns, "_argv", None)
+    main = int(os.environ.get("RANK", "0")) == 0
     script, config_fields = split_namespace(ns, getattr(ns, "_explicit", set()))
+    previous = signal.signal(signal.SIGTERM, _stop_now)  # outside training a SIGTERM stops at once, one line
     try:
         train(**script, **config_fields)
+    except Interrupted as err:
+        if main:
+            print(f"[conspo] {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except StopNow as err:
+        if main:
+            print(f"conspo train: stopped at once by {signal_name(err.signum)}; the run keeps its last complete "
+                  f"checkpoint, continue with: {resume_command(COMMAND_ARGV)}", file=sys.stderr, flush=True)
+        return EXIT_CODES[err.signum]
+    except KeyboardInterrupt:
+        if main:
+            print(f"conspo train: stopped at once by SIGINT; the run keeps its last complete checkpoint, continue "
+                  f"with: {resume_command(COMMAND_ARGV)}", file=sys.stderr, flush=True)
+        return EXIT_CODES[signal.SIGINT]
     except (RunError, DatasetError) as err:
         report_error("train", err)
         return 2
     except SaveError as err:
         report_error("train", err)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
