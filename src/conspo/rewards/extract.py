@@ -85,16 +85,11 @@ def normalize_answer(answer: str) -> str:
     return s
 
 
-def find_last_boxed(text: str) -> tuple[str | None, str]:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``.
-
-    Returns ``(content, status)`` with status ``"ok"``, ``"absent"`` (no box command), ``"unbalanced"`` or
-    ``"empty"`` (content None for the last three). Linear time: one reverse search for each command, then
-    one forward scan over the braces.
-    """
+def last_box_command(text: str) -> tuple[int, str]:
+    """Where the last ``\\boxed`` / ``\\fbox`` command of ``text`` starts, and which it is; ``(-1, "")`` if none.
+    A command name followed by a letter is another command (``\\boxedsymbol``) and is skipped."""
     start, command = -1, ""
     for cmd in _BOX_COMMANDS:
-        # A command name followed by a letter is another command (\boxedsymbol): skip those occurrences.
         pos = len(text)
         while True:
             pos = text.rfind(cmd, 0, pos)
@@ -103,6 +98,17 @@ def find_last_boxed(text: str) -> tuple[str | None, str]:
                 break
         if pos > start:
             start, command = pos, cmd
+    return start, command
+
+
+def find_last_boxed(text: str) -> tuple[str | None, str]:
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``.
+
+    Returns ``(content, status)`` with status ``"ok"``, ``"absent"`` (no box command), ``"unbalanced"`` or
+    ``"empty"`` (content None for the last three). Linear time: one reverse search for each command, then
+    one forward scan over the braces.
+    """
+    start, command = last_box_command(text)
     if start < 0:
         return None, "absent"
     i = start + len(command)
@@ -131,12 +137,14 @@ def find_last_boxed(text: str) -> tuple[str | None, str]:
     return None, "unbalanced"
 
 
-def _tail(text: str, max_chars: int) -> str:
-    if len(text) <= max_chars:
-        return text
-    tail = text[-max_chars:]
-    # The cut may fall inside a number: drop that partial token rather than read a different number.
-    return tail[_LEADING_NUMBER_CHARS.match(tail).end():]
+def examined_text(text: str, max_chars: int = MAX_TAIL_CHARS) -> str:
+    """The part of a completion that is read for its answer: the last ``max_chars`` characters, normalised
+    (``normalize_text``). When the text is cut, a number split by the cut is dropped rather than read as a
+    smaller number. ``extract_answer`` reads this, and so does math-verify in ``math_verify_match``."""
+    if len(text) > max_chars:
+        text = text[-max_chars:]
+        text = text[_LEADING_NUMBER_CHARS.match(text).end():]
+    return normalize_text(text)
 
 
 def _after_label(text: str, end: int) -> str:
@@ -211,7 +219,7 @@ def extract_answer(
         raise ValueError(f"fallback must be one of 'number', 'line', 'none'; got {fallback!r}")
     if not text:
         return None, "none"
-    text = normalize_text(_tail(text, max_chars))
+    text = examined_text(text, max_chars)
 
     content, status = find_last_boxed(text)
     if status != "absent":

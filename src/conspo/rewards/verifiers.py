@@ -1,7 +1,8 @@
 """Verifiers: pure ``(completion, answer) -> VerifyResult`` functions. None of them ever ``eval``s model output.
 
-- ``math_verify_match``: final answer (see ``conspo.rewards.extract``) judged equivalent to the gold by
-  math-verify (numbers, fractions, LaTeX, sets, simple expressions), within a wall-clock bound.
+- ``math_verify_match``: math-verify's verdict, ``verify(gold, parse(completion))``, on the answer that
+  math-verify's own extraction finds in the completion (numbers, fractions, LaTeX, sets, simple expressions),
+  within a wall-clock bound, for completions that end with a final answer (``conspo.rewards.extract``).
 - ``numeric_match``: final answer and gold read as exact rationals and compared within tolerances.
 - ``exact_match``: final answer equal to the gold after normalisation.
 
@@ -25,7 +26,14 @@ from fractions import Fraction
 
 from conspo.rewards.base import VerifyResult
 from conspo.rewards.bounded import call_with_timeout
-from conspo.rewards.extract import NUMBER_PATTERN, extract_answer, extract_gold, normalize_answer
+from conspo.rewards.extract import (
+    NUMBER_PATTERN,
+    examined_text,
+    extract_answer,
+    extract_gold,
+    last_box_command,
+    normalize_answer,
+)
 from conspo.rewards.gold import free_letters, read_gold, word_key
 
 MAX_DIGITS = 10_000
@@ -170,6 +178,7 @@ def _prepare_math_verify() -> None:
         if hasattr(module, "TIMEOUT_WARNING_SHOWN"):
             module.TIMEOUT_WARNING_SHOWN = True
     math_verify.parser.parse("$\\frac{1}{2}$", parsing_timeout=None)  # the first parse builds the grammar
+    math_verify.parser.parse("The answer is 3, so $\\boxed{x = 2}$.", parsing_timeout=None)  # extraction regexes
     # The first symbolic comparison of each kind imports parts of sympy (over a second on a loaded machine):
     # do that here, so that it is not counted against the first completions' time bound as a timeout.
     for gold, predicted in (("(x+1)^2", "x^2+2x+1"), ("[2, 5)", "x \\in [2, 5)"), ("\\{1, 2\\}", "\\{2, 1\\}")):
@@ -179,12 +188,25 @@ def _prepare_math_verify() -> None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse(expression: str) -> tuple:
+def _parse_gold(expression: str) -> tuple:
+    """math-verify's reading of one gold alternative. ``read_gold`` has already cut the gold down to one whole
+    expression, so it is handed over boxed: math-verify then reads all of it, as it reads a boxed gold
+    solution, and a gold written as bare LaTeX (``\\sqrt{8}``, which ``parse`` alone finds nothing in) is read
+    too. Completions are never wrapped: math-verify extracts their answer itself (``_parse_completion``)."""
     from math_verify import parse
 
     _prepare_math_verify()
-    # Wrapping in \boxed{} makes math-verify's LaTeX extractor take the whole answer as one expression.
     return tuple(parse("$\\boxed{" + expression + "}$", parsing_timeout=None))
+
+
+def _parse_completion(text: str) -> list:
+    """math-verify's own extraction from a completion, ``math_verify.parse(text)`` with its default extraction
+    configs (LaTeX, then plain expressions; a ``final answer is`` phrase, then a box, then an ``answer`` label,
+    then the last expression): the answer TRL's ``accuracy_reward`` and lighteval's math metrics read."""
+    from math_verify import parse
+
+    _prepare_math_verify()
+    return parse(text, parsing_timeout=None)
 
 
 _BINDING_RE = re.compile(r"\\(?:sum|prod|int|iint|iiint|oint|lim|to|mapsto|forall|exists|bigcup|bigcap)(?![A-Za-z])")
@@ -205,12 +227,26 @@ def _covers(expression: str, parsed: tuple) -> bool:
 
 def _covered_golds(golds: list[str]) -> list[str]:
     """The gold alternatives math-verify reads whole (``_covers``). Runs under ``call_with_timeout``."""
-    return [gold for gold in golds if _INT_RE.fullmatch(gold) or ((parsed := _parse(gold)) and _covers(gold, parsed))]
+    return [gold for gold in golds if _INT_RE.fullmatch(gold) or ((parsed := _parse_gold(gold)) and _covers(gold, parsed))]
 
 
-def _math_verify_equal(golds: list[str], predicted: str) -> str:
-    """math-verify's verdict on an extracted answer against whole gold alternatives: ``match``, ``mismatch``,
-    ``unparsed`` (the answer does not parse) or ``freeform_gold`` (no alternative reads whole).
+def _text_for_math_verify(completion: str, how: str) -> str:
+    """The text math-verify extracts the answer from: what ``extract_answer`` examined (``examined_text``),
+    from its last box on when the final answer is boxed (``how``), with ``\\fbox`` written ``\\boxed``.
+    Why: math-verify reads every box of a completion together, as one set (``\\boxed{1} no wait \\boxed{2}``
+    reads as {1, 2}), where conspo's answer is the last box, the model's final word; and it does not know
+    ``\\fbox`` as a box."""
+    text = examined_text(completion)
+    if how == "boxed":
+        start, command = last_box_command(text)
+        text = "\\boxed" + text[start + len(command):]
+    return text
+
+
+def _math_verify_equal(golds: list[str], completion: str) -> str:
+    """math-verify's verdict on a completion against whole gold alternatives, ``verify(parse(gold),
+    parse(completion))`` for each: ``match``, ``mismatch``, ``unparsed`` (math-verify extracts nothing from the
+    completion) or ``freeform_gold`` (no alternative reads whole).
 
     Runs under ``call_with_timeout``; module-level with JSON arguments so that a worker process can run it.
     """
@@ -221,11 +257,11 @@ def _math_verify_equal(golds: list[str], predicted: str) -> str:
     readable = _covered_golds(list(golds))
     if not readable:
         return "freeform_gold"
-    predicted_parsed = _parse(predicted)
-    if not predicted_parsed:
+    predicted = _parse_completion(completion)
+    if not predicted:
         return "unparsed"
     for gold in readable:
-        if verify(list(_parse(gold)), list(predicted_parsed), timeout_seconds=None):
+        if verify(list(_parse_gold(gold)), list(predicted), timeout_seconds=None):
             return "match"
     return "mismatch"
 
@@ -269,20 +305,33 @@ def _plain(text: str) -> str:
 
 
 def math_verify_match(completion: str, answer: str, *, timeout_s: float = 2.0) -> VerifyResult:
-    """1.0 when the final answer is mathematically equivalent to the gold, per math-verify.
+    """1.0 when math-verify judges the completion's answer equivalent to the gold: ``verify(parse(gold),
+    parse(completion))``, with math-verify's own extraction of the answer from the completion, as TRL's
+    ``accuracy_reward`` and lighteval's math metrics score it. ``tests/test_math_verify_agreement.py`` checks
+    that equality on a table of completions, and lists where conspo departs from it on purpose:
 
-    Steps: extract the final answer (``extract_answer``; an unboxed answer only when the completion ends
-    with it) and read the gold whole (``read_gold``: its alternatives such as ``"A, or equivalently B"``, a
-    yes/no or word answer, or free-form). Equal strings match at once. A word gold (``No``, ``Monday``) is
-    compared as words, never symbolically (``on`` is not ``No``). A free-form gold, which cannot be read as
-    one whole expression, is matched only by the whole gold (case and spacing aside), else it scores 0 with
-    reason ``freeform_gold``: never on a fragment such as a number inside it. Otherwise, against each whole
-    expression alternative: two integers are compared exactly without sympy (so huge ones are cheap);
-    answers longer than ``MAX_ANSWER_CHARS`` are refused (``too_long``); an answer joined by logical
-    connectives (``1 \\lor 2``), which math-verify reads as one of its parts, is a ``mismatch``; otherwise
-    math-verify parses and compares within ``timeout_s`` seconds in total (``conspo.rewards.bounded``: a
-    timer in the main thread, a worker process in other threads), and an overrun scores 0 with reason
-    ``timeout``. An alternative math-verify reads only in part (its variables lost) is not used.
+    - **A final answer is required** (``extract_answer``): a completion that does not end with one (a
+      truncated ramble such as ``3 + 4 = 7, then multiply by``) scores 0 with reason ``no_answer``, and so does
+      one whose last box is broken or empty (``unbalanced``, ``empty_boxed``), where math-verify would take a
+      number from mid-sentence or an earlier box.
+    - **The gold is read whole** (``read_gold``): its alternatives such as ``"A, or equivalently B"``; a yes/no
+      or word gold (``No``, ``Monday``) is compared as words, never symbolically (``on`` is not ``No``); a
+      free-form gold, which cannot be read as one whole expression, is matched only by the whole gold (case and
+      spacing aside), else 0 with reason ``freeform_gold``, never on a fragment such as a number inside it. An
+      expression alternative is handed to math-verify boxed (``_parse_gold``), and one that math-verify reads
+      only in part (its variables lost) is not used.
+    - **The last box is the answer**: when the final answer is boxed, math-verify reads the completion from
+      its last box on (``_text_for_math_verify``), where it would read all the boxes as one set.
+    - **Exact cases first, without sympy**: a final answer written exactly as a gold alternative matches; two
+      integers are compared as digit strings (so ``10**5000`` is exact and cheap); answers longer than
+      ``MAX_ANSWER_CHARS`` are refused (``too_long``); an answer joined by logical connectives (``1 \\lor 2``),
+      which math-verify reads as one of its parts, is a ``mismatch``.
+    - **A time bound**: math-verify parses and compares within ``timeout_s`` seconds in total
+      (``conspo.rewards.bounded``: a timer in the main thread, a worker process in other threads); an overrun
+      scores 0 with reason ``timeout``.
+
+    math-verify reads what ``extract_answer`` reads: the completion's last ``MAX_TAIL_CHARS`` characters,
+    normalised (``examined_text``). ``extracted`` is conspo's final answer, the key maj@k votes on.
     """
     extracted, how = extract_answer(completion)
     if extracted is None:
@@ -318,7 +367,8 @@ def math_verify_match(completion: str, answer: str, *, timeout_s: float = 2.0) -
     _prepare_math_verify()
     try:
         verdict = call_with_timeout(
-            _math_verify_equal, (others, predicted), timeout_s, preload=("conspo.rewards.verifiers:_prepare_math_verify",)
+            _math_verify_equal, (others, _text_for_math_verify(completion, how)), timeout_s,
+            preload=("conspo.rewards.verifiers:_prepare_math_verify",),
         )
     except TimeoutError:
         return VerifyResult(0.0, extracted, "timeout")
