@@ -1,4 +1,8 @@
-"""Verifiers (pure ``(completion, answer) -> VerifyResult`` functions) and their TRL reward-function wrapper.
+"""The verifiers' public names, and ``make_reward_func``, which turns a verifier into a TRL reward function.
+
+The verifiers themselves (pure ``(completion, answer) -> VerifyResult`` functions) live in ``verifiers``
+(math, numeric, exact) and ``reasoning_gym``; ``extract`` finds a completion's final answer, ``gold`` reads a
+gold answer whole, ``bounded`` puts a time bound on a call, ``base`` holds the contract.
 
 ``make_reward_func(verifier)`` turns any verifier into a TRL reward function
 ``f(prompts, completions, answer, **kwargs) -> list[float]``: TRL passes each dataset column as a keyword
