@@ -10,8 +10,8 @@ from tiny import build_tokenizer, odd_digit_parity, save_tiny  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from conspo import ConSPOConfig, ConSPOTrainer  # noqa: E402
+from conspo.config import check_trl_internals  # noqa: E402
 from conspo.presets import ALL_METHODS, PRESETS, preset_config, preset_reward_funcs  # noqa: E402
-from conspo.trainer import check_trl_internals  # noqa: E402
 
 BASE = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True)
 

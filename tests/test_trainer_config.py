@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from conspo import ConSPOConfig, ConSPOTrainer  # noqa: E402
 from conspo import objectives as obj  # noqa: E402
+from conspo.config import ADVANTAGE_FIELDS, TRL_LOSS_FIELDS  # noqa: E402
 from conspo.presets import ABLATIONS, PRESETS, preset_config  # noqa: E402
-from conspo.trainer import ADVANTAGE_FIELDS, TRL_LOSS_FIELDS  # noqa: E402
 
 BASE = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True)
 

@@ -572,14 +572,14 @@ def test_verl_config_loading_rejects_bad_options_at_load():
 # Options: the TRL trainer's names and defaults, deprecated aliases, settings without effect refused.
 # --------------------------------------------------------------------------------------------------
 
-TRAINER_PY = os.path.join(os.path.dirname(__file__), "..", "src", "conspo", "trainer.py")
+CONFIG_PY = os.path.join(os.path.dirname(__file__), "..", "src", "conspo", "config.py")
 
 
 def _trainer_defaults() -> dict:
-    """ConSPOConfig's own field defaults, read from src/conspo/trainer.py (this environment has no TRL)."""
+    """ConSPOConfig's own field defaults, read from src/conspo/config.py (this environment has no TRL)."""
     import ast
 
-    tree = ast.parse(open(TRAINER_PY).read())
+    tree = ast.parse(open(CONFIG_PY).read())
     config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ConSPOConfig")
     out = {}
     for node in config.body:
