@@ -93,10 +93,10 @@ def test_custom_fields_and_non_string_values(tmp_path):
 @pytest.mark.parametrize(
     "rows,options,message",
     [
-        ([{"q": "x", "answer": "1"}], {}, r"no question field found; looked for \['question', 'problem'"),
+        ([{"q": "x", "answer": "1"}], {}, r"no question field found; looked for \['question', 'problem'.*Name it with --question-field"),
         ([{"question": "x", "a": "1"}], {}, r"no answer field found; .*the rows have \['a', 'question'\]"),
-        ([{"question": "x", "answer": "1"}], {"answer_field": "gold"}, "answer_field 'gold' is not a field"),
-        ([{"question": "x", "answer": "1"}], {"subset_field": "level"}, "subset_field 'level' is not a field"),
+        ([{"question": "x", "answer": "1"}], {"answer_field": "gold"}, "--answer-field 'gold' is not a field"),
+        ([{"question": "x", "answer": "1"}], {"subset_field": "level"}, "--subset-field 'level' is not a field"),
         ([{"question": "x", "answer": ""}, {"question": "y"}], {}, "no usable rows: all 2 rows lack"),
         ([{"problem": "x", "solution": "no marked answer"}], {}, "no usable rows"),
         (["just a string"], {}, "row 1 is a str, not an object"),
@@ -116,7 +116,7 @@ def test_bad_rows_raise_clear_errors(tmp_path, rows, options, message):
         ("broken.jsonl", '{"question": "x", "answer": "1"}\n{"question": \n', "line 2 is not valid JSON"),
         ("broken.json", "{", "not valid JSON"),
         ("scalar.json", "42", "must be a list of objects"),
-        ("latin1.jsonl", b'{"question": "caf\xe9", "answer": "1"}\n', "cannot read the file as .jsonl"),
+        ("latin1.jsonl", b'{"question": "caf\xe9", "answer": "1"}\n', r"line 1 is not UTF-8 text \(byte 0xe9\)"),
         ("garbage.parquet", b"not a parquet file", "cannot read the file as .parquet"),
         ("data.csv", "question,answer\nx,1\n", r"unsupported file type '.csv'; accepted: .jsonl, .json, .parquet"),
     ],
@@ -281,3 +281,48 @@ def test_get_task_reasoning_gym_errors(spec, options, message):
     pytest.importorskip("reasoning_gym")
     with pytest.raises(ValueError, match=message):
         get_task(spec, **options)
+
+
+def test_a_non_utf8_file_names_its_line(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"question": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n'
+                     b'{"question": "caf\xe9", "answer": "3"}\n')
+    with pytest.raises(DatasetError, match=r"line 3 is not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
+        load_dataset_file(path)
+
+
+def test_a_huge_question_is_refused_naming_its_row(tmp_path):
+    from conspo.tasks.datasets import MAX_QUESTION_CHARS
+
+    rows = [{"question": "x", "answer": "1"}, {"question": "y" * (MAX_QUESTION_CHARS + 1), "answer": "2"},
+            {"question": "z" * (3 * MAX_QUESTION_CHARS), "answer": "3"}]
+    with pytest.raises(DatasetError, match=rf"2 rows have a 'question' longer than {MAX_QUESTION_CHARS:,} characters "
+                                           rf"\(the longest: row 3, {3 * MAX_QUESTION_CHARS:,} characters\)"):
+        load_dataset_file(write_jsonl(tmp_path / "huge.jsonl", rows))
+    rows[1]["question"] = "y" * MAX_QUESTION_CHARS  # at the limit: accepted
+    rows.pop()
+    assert len(load_dataset_file(write_jsonl(tmp_path / "ok.jsonl", rows))) == 2
+
+
+def test_question_report_counts_long_prompts_and_unknown_characters():
+    from conspo.tasks.datasets import question_report
+
+    try:
+        from conspo.embedded import build_tokenizer
+    except ImportError:  # (before the embedded model had its own module)
+        from conspo.tasks.tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer()  # one token per printable ASCII character, <unk> for the rest
+    problems = [{"question": "1+1"}, {"question": "x" * 31}, {"question": "y" * 40}, {"question": "w" * 30},
+                {"question": "北京"}, {"question": "上海"}]
+    assert tokenizer("北京", add_special_tokens=False)["input_ids"] == tokenizer("上海", add_special_tokens=False)[
+        "input_ids"]  # the fault: two questions, one encoding
+    lines = question_report(problems, tokenizer, max_positions=40, completion_length=10, source="data.jsonl")
+    assert len(lines) == 2
+    assert lines[0].startswith("data.jsonl: 2 of 6 prompts leave fewer than 10 of the model's 40 positions")
+    assert "the longest: 40 tokens" in lines[0]
+    assert lines[1].startswith("data.jsonl: 2 of 6 questions have characters the tokenizer maps to <unk>")
+    assert question_report(problems[:1], tokenizer, max_positions=40, completion_length=10) == []
+    fits = [problems[0], problems[3]]  # 30 + 10 positions: fits exactly
+    assert question_report(fits, tokenizer, max_positions=40, completion_length=10) == []
+    assert question_report(problems[:3], tokenizer, max_positions=None, completion_length=10) == []

@@ -53,6 +53,9 @@ PAPER_INSTRUCTION = "Please reason step by step, and put your final answer withi
 FREEFORM_GOLD = ("drop", "refuse", "exact")
 """What ``load_dataset_file`` does with rows whose gold the math verifier cannot read whole (module docstring)."""
 FREEFORM_EXAMPLES = 3
+MAX_QUESTION_CHARS = 100_000
+"""A question longer than this is refused when the file is read: no model's positions hold it, and one such row
+(a 50 MB question) would exhaust memory in tokenisation and generation instead of failing."""
 
 
 class DatasetError(ValueError):
@@ -78,7 +81,13 @@ def read_rows(path: str | Path) -> list[dict]:
 
             rows = pyarrow.parquet.read_table(path).to_pylist()
         else:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as error:
+                line = data.count(b"\n", 0, error.start) + 1
+                raise DatasetError(f"{path}: line {line} is not UTF-8 text (byte {data[error.start]:#04x}); save the "
+                                   f"file as UTF-8") from None
             rows = _parse_jsonl(path, text) if suffix == ".jsonl" else _parse_json(path, text)
     except DatasetError:
         raise
@@ -118,13 +127,13 @@ def _parse_json(path: Path, text: str) -> list:
 def _pick_field(path: Path, columns: list[str], given: str | None, candidates: tuple[str, ...], role: str) -> str | None:
     if given is not None:
         if given not in columns:
-            raise DatasetError(f"{path}: {role}_field {given!r} is not a field of the rows; fields: {columns}")
+            raise DatasetError(f"{path}: --{role}-field {given!r} is not a field of the rows; fields: {columns}")
         return given
     found = next((name for name in candidates if name in columns), None)
     if found is None and role != "subset":
         raise DatasetError(
             f"{path}: no {role} field found; looked for {list(candidates)}, the rows have {columns}. "
-            f"Name it with {role}_field=..."
+            f"Name it with --{role}-field (question_field= / answer_field= from Python)"
         )
     return found
 
@@ -167,6 +176,12 @@ def load_dataset_file(
     needs_marker = answer_key == "solution"
     problems, seen, row_numbers = [], set(), []
     skipped = duplicates = 0
+    too_long = [(number, len(str(row.get(question_key) or ""))) for number, row in enumerate(rows, start=1)
+                if len(str(row.get(question_key) or "")) > MAX_QUESTION_CHARS]
+    if too_long:
+        number, size = max(too_long, key=lambda item: item[1])
+        raise DatasetError(f"{path}: {len(too_long)} rows have a {question_key!r} longer than {MAX_QUESTION_CHARS:,} "
+                           f"characters (the longest: row {number}, {size:,} characters); shorten or remove them")
     for number, row in enumerate(rows, start=1):
         question = _text(row.get(question_key))
         raw = _text(row.get(answer_key))
@@ -229,6 +244,43 @@ def _apply_freeform_policy(path: Path, problems: list[dict], row_numbers: list[i
         raise DatasetError(f"{report}: no rows are left. Pass freeform_gold='exact' to keep them, scored only by an "
                            "exact match of the whole gold")
     return kept
+
+
+# ----------------------------------------------------------------------------------------------- against a model
+
+
+def question_report(problems: list[dict], tokenizer: Any, *, max_positions: int | None, completion_length: int,
+                    render=None, source: str = "the task") -> list[str]:
+    """Warnings about ``problems`` for one model, each a line naming how many questions and an example:
+
+    - prompts that leave fewer than ``completion_length`` of the model's ``max_positions`` for the completion
+      (the count and the longest prompt, in tokens);
+    - questions with characters the tokenizer maps to its unknown token (two different such questions can encode
+      to the same ids, so the model cannot tell them apart).
+
+    ``render``: question -> the prompt text the model is given (default: the question)."""
+    render = render or (lambda question: question)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    long_prompts, unknown, longest = [], [], (0, "")
+    for problem in problems:
+        ids = tokenizer(render(problem["question"]), add_special_tokens=False)["input_ids"]
+        if max_positions is not None and len(ids) + completion_length > max_positions:
+            long_prompts.append(problem)
+            if len(ids) > longest[0]:
+                longest = (len(ids), problem["question"])
+        if unk is not None and unk in ids:
+            unknown.append(problem)
+    lines = []
+    if long_prompts:
+        lines.append(f"{source}: {len(long_prompts)} of {len(problems)} prompts leave fewer than {completion_length} "
+                     f"of the model's {max_positions} positions for the completion (the longest: {longest[0]} tokens, "
+                     f"{longest[1][:60]!r}); its completions are cut short or run past the positions the model "
+                     f"knows: shorten them, or use a model with more positions")
+    if unknown:
+        lines.append(f"{source}: {len(unknown)} of {len(problems)} questions have characters the tokenizer maps to "
+                     f"{getattr(tokenizer, 'unk_token', '<unk>')} (e.g. {unknown[0]['question'][:60]!r}); different "
+                     f"such questions can look the same to the model: use a model whose tokenizer covers them")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------- task
