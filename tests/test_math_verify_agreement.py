@@ -1,6 +1,7 @@
 """conspo's math score is math-verify's own (issue 18): on a table of completions, ``math_verify_match`` scores
-exactly ``float(verify(parse(gold), parse(completion)))``, what TRL's ``accuracy_reward`` and lighteval compute
-from the same library. The reference calls math-verify directly, with its default extraction and timeouts.
+exactly ``float(verify(parse(gold), parse(completion)))``, the library's verdict with its default extraction
+(TRL's ``accuracy_reward`` and lighteval call the same two functions, each with extraction settings of its own).
+The reference calls math-verify directly, with its default extraction and timeouts.
 
 The rows where conspo departs from it on purpose are listed apart, each with its reason and conspo's verdict,
 and each is checked to differ from math-verify's, so that a row which stops differing is noticed. The time

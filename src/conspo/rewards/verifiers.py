@@ -1,6 +1,6 @@
 """Verifiers: pure ``(completion, answer) -> VerifyResult`` functions. None of them ever ``eval``s model output.
 
-- ``math_verify_match``: math-verify's verdict, ``verify(gold, parse(completion))``, on the answer that
+- ``math_verify_match``: math-verify's verdict, ``verify(parse(gold), parse(completion))``, on the answer
   math-verify's own extraction finds in the completion (numbers, fractions, LaTeX, sets, simple expressions),
   within a wall-clock bound, for completions that end with a final answer (``conspo.rewards.extract``).
 - ``numeric_match``: final answer and gold read as exact rationals and compared within tolerances.
@@ -201,8 +201,8 @@ def _parse_gold(expression: str) -> tuple:
 
 def _parse_completion(text: str) -> list:
     """math-verify's own extraction from a completion, ``math_verify.parse(text)`` with its default extraction
-    configs (LaTeX, then plain expressions; a ``final answer is`` phrase, then a box, then an ``answer`` label,
-    then the last expression): the answer TRL's ``accuracy_reward`` and lighteval's math metrics read."""
+    configs (LaTeX and plain expressions; a ``final answer is`` phrase or a box first, then an ``answer``
+    label, then the last expression)."""
     from math_verify import parse
 
     _prepare_math_verify()
@@ -306,8 +306,8 @@ def _plain(text: str) -> str:
 
 def math_verify_match(completion: str, answer: str, *, timeout_s: float = 2.0) -> VerifyResult:
     """1.0 when math-verify judges the completion's answer equivalent to the gold: ``verify(parse(gold),
-    parse(completion))``, with math-verify's own extraction of the answer from the completion, as TRL's
-    ``accuracy_reward`` and lighteval's math metrics score it. ``tests/test_math_verify_agreement.py`` checks
+    parse(completion))``, with math-verify's own (default) extraction of the answer from the completion; TRL's
+    ``accuracy_reward`` and lighteval make the same two calls. ``tests/test_math_verify_agreement.py`` checks
     that equality on a table of completions, and lists where conspo departs from it on purpose:
 
     - **A final answer is required** (``extract_answer``): a completion that does not end with one (a
@@ -321,7 +321,8 @@ def math_verify_match(completion: str, answer: str, *, timeout_s: float = 2.0) -
       expression alternative is handed to math-verify boxed (``_parse_gold``), and one that math-verify reads
       only in part (its variables lost) is not used.
     - **The last box is the answer**: when the final answer is boxed, math-verify reads the completion from
-      its last box on (``_text_for_math_verify``), where it would read all the boxes as one set.
+      its last box on (``_text_for_math_verify``), where it would read all the boxes as one set; ``\\fbox``
+      counts as a box.
     - **Exact cases first, without sympy**: a final answer written exactly as a gold alternative matches; two
       integers are compared as digit strings (so ``10**5000`` is exact and cheap); answers longer than
       ``MAX_ANSWER_CHARS`` are refused (``too_long``); an answer joined by logical connectives (``1 \\lor 2``),
