@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-from tiny import build_tokenizer, save_tiny  # noqa: E402
+from tiny import build_tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
@@ -19,11 +19,6 @@ from conspo.presets import preset_config  # noqa: E402
 
 BASE = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1,
             generation_kwargs={"suppress_tokens": [0]})  # the pad token is never sampled
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 def rare_seven(prompts, completions, **kwargs):

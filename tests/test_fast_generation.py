@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-from tiny import build_model, build_tokenizer, odd_digit_parity, save_tiny  # noqa: E402
+from tiny import build_model, build_tokenizer, odd_digit_parity  # noqa: E402
 from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: E402
 
 from conspo import ConSPOConfig, ConSPOTrainer  # noqa: E402
@@ -133,11 +133,6 @@ def test_static_compiled_greedy_equals_eager_and_compiles_once():
 
 
 # ------------------------------------------------------------------------------------- the trainer
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
 
 def _trainer(model_dir, tmp_path, **kw):
     settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-from tiny import build_tokenizer, odd_digit_parity, save_tiny  # noqa: E402
+from tiny import build_tokenizer, odd_digit_parity  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from conspo import ConSPOConfig, ConSPOTrainer  # noqa: E402
@@ -14,11 +14,6 @@ from conspo.config import check_trl_internals  # noqa: E402
 from conspo.presets import ALL_METHODS, PRESETS, preset_config, preset_reward_funcs  # noqa: E402
 
 BASE = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 def _config(tmp_path, **kw):

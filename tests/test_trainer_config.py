@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-from tiny import build_tokenizer, odd_digit_parity, save_tiny  # noqa: E402
+from tiny import build_tokenizer, odd_digit_parity  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from conspo import ConSPOConfig, ConSPOTrainer  # noqa: E402
@@ -20,11 +20,6 @@ from conspo.config import ADVANTAGE_FIELDS, TRL_LOSS_FIELDS  # noqa: E402
 from conspo.presets import ABLATIONS, PRESETS, preset_config  # noqa: E402
 
 BASE = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 def _config(tmp_path, **kw):

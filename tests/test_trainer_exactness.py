@@ -14,14 +14,9 @@ import torch
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from exactness import assert_grads_match, make_trainer, reference_auto_tau, reference_gradient  # noqa: E402
-from tiny import build_tokenizer, odd_digit_parity, save_tiny  # noqa: E402
+from tiny import build_tokenizer, odd_digit_parity  # noqa: E402
 
 HERE = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 def _dataset(n=64):

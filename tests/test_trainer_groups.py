@@ -21,10 +21,12 @@ import torch
 
 pytest.importorskip("trl")
 import grouping  # noqa: E402
-from tiny import build_tokenizer, odd_digit_parity, save_tiny  # noqa: E402
+from tiny import build_tokenizer, odd_digit_parity  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from conspo import objectives as obj  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the tiny models run faster so
 
 HERE = Path(__file__).parent
 G = 4  # num_generations
@@ -56,20 +58,6 @@ CASES = {
     "credit-b6-spg4-ga2": ("credit", dict(per_device_train_batch_size=6, steps_per_generation=4,
                                           gradient_accumulation_steps=2)),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models run many times faster so on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture(scope="module")

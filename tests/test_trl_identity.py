@@ -19,12 +19,14 @@ import torch
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-from tiny import build_tokenizer, odd_digit_parity, save_tiny  # noqa: E402
+from tiny import build_tokenizer, odd_digit_parity  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from conspo import ConSPOConfig, ConSPOTrainer  # noqa: E402
 from conspo.presets import PRESETS, preset_config, preset_reward_funcs  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the tiny models run faster so
 
 TRL_PRESETS = [name for name, settings in PRESETS.items() if settings.get("objective") == "trl"]
 GRPO_FIELDS = {f.name for f in dataclasses.fields(GRPOConfig)}
@@ -42,19 +44,6 @@ COMMON = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", di
               per_device_train_batch_size=8, num_generations=4, gradient_accumulation_steps=2,
               steps_per_generation=4, max_completion_length=6, max_steps=STEPS, logging_steps=1,
               learning_rate=5e-2, seed=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 def _dataset():
