@@ -634,10 +634,10 @@ def test_defaults_are_the_trl_trainers_and_the_papers():
 )
 def test_old_option_names_are_deprecated_aliases(cls, old, new, value, extra):
     with pytest.warns(FutureWarning, match=f"{old} is deprecated, use policy_loss.x.{new}"):
-        got = plugin._options(cls, {old: value, **extra}, "policy_loss.x")
+        got = plugin.parse_options(cls, {old: value, **extra}, "policy_loss.x")
     assert got == cls(**{new: value, **extra}) and getattr(got, new) == value
     with pytest.raises(ValueError, match=f"sets both {new} and its deprecated alias {old}"):
-        plugin._options(cls, {old: value, new: value, **extra}, "policy_loss.x")
+        plugin.parse_options(cls, {old: value, new: value, **extra}, "policy_loss.x")
 
 
 def test_old_option_names_load_through_verl_with_a_warning():
@@ -679,7 +679,7 @@ def test_old_option_names_load_through_verl_with_a_warning():
 def test_settings_without_effect_or_out_of_range_are_refused(method, options, message):
     cls = plugin.ConSPOOptions if method == "conspo" else plugin.DiscoOptions
     with pytest.raises(ValueError, match=message):
-        plugin._options(cls, options, f"policy_loss.{method}")
+        plugin.parse_options(cls, options, f"policy_loss.{method}")
 
 
 def test_tau_range_ends_and_explicit_defaults_are_accepted():

@@ -1,19 +1,13 @@
-"""The math core of conspo: sequence scores, the ConSPO and DisCO objectives, credits, margins.
+"""The math core of conspo: sequence scores, the ConSPO, DisCO and GMPO objectives, credits, margins.
 
-Everything here is a pure function of torch tensors and imports nothing but torch (and the standard-library
-argument checks of ``conspo.checks``). The contract is
-``docs/objectives.md``; section numbers below refer to it.
+Everything here is a pure function of torch tensors and imports nothing but torch and two torch-only neighbours:
+``conspo.groups`` (input checks and per-group sums without Python loops, one device synchronisation at most, in the
+input checks) and ``conspo.diagnostics`` (the metrics every method logs), plus the argument checks of
+``conspo.checks``. The contract is ``docs/objectives.md``; section numbers below refer to it.
 
-Shapes are named once:
-
-* ``B`` rollouts in a batch (completions of several prompts, each prompt a *group*),
-* ``T`` completion tokens (right-padded, with a 0/1 mask),
-* ``G`` rollouts per group (groups may differ in size here).
-
-Groups are given by an integer id per rollout. Ids are arbitrary and members need not be contiguous.
-No function loops over groups in Python: groups are compacted to ``0..K-1`` by a sort, and per-group
-sums use ``index_add``/``scatter_reduce`` into buffers of length ``B`` (``K <= B``), so the cost stays
-flat in the number of groups and nothing forces a device synchronisation apart from the input checks.
+Shapes are named once: ``B`` rollouts in a batch (completions of several prompts, each prompt a *group*), ``T``
+completion tokens (right-padded, with a 0/1 mask), ``G`` rollouts per group (groups may differ in size here).
+Groups are given by an integer id per rollout; ids are arbitrary and members need not be contiguous.
 
 ConSPO is Zhang et al., arXiv 2605.12969 (v3): the loss is its Eq. 8/13, the credit its Lemma 2, the margin
 curriculum its section 4.3; defaults are the paper's (tau = 10, cosine margin to 0.01 over the first 30% of
@@ -31,27 +25,23 @@ import torch
 from torch import Tensor
 
 from conspo import checks
+from conspo.diagnostics import gate_metrics, neg_entropy, neg_entropy_ratio, separation_metrics
+from conspo.groups import (
+    Groups,
+    check_group_inputs,
+    check_normalizer,
+    check_row_normalizer,
+    compact_groups,
+    describe,
+    float_dtype,
+    group_sum,
+    safe_div,
+)
 
 __all__ = [
-    "LossOutput",
-    "TrustRegion",
-    "sequence_scores",
-    "conspo_loss",
-    "disco_loss",
-    "margin_at",
-    "kl_trust_region",
-    "clipped_ratio_scores",
-    "grpo_credit",
-    "gmpo_loss",
-    "group_advantages",
-    "ADVANTAGE_SCALES",
-    "separation_metrics",
-    "MARGIN_SCHEDULES",
-    "NEG_REDUCES",
-    "GROUP_NORMS",
-    "DISCO_VARIANTS",
-    "SCORES",
-    "TAU_MIN",
+    "LossOutput", "TrustRegion", "sequence_scores", "clipped_ratio_scores", "conspo_loss", "disco_loss", "margin_at",
+    "kl_trust_region", "grpo_credit", "gmpo_loss", "group_advantages", "separation_metrics", "check_tau",
+    "ADVANTAGE_SCALES", "MARGIN_SCHEDULES", "NEG_REDUCES", "GROUP_NORMS", "DISCO_VARIANTS", "SCORES", "TAU_MIN",
     "TAU_MAX",
 ]
 
@@ -100,69 +90,7 @@ def check_tau(value: float) -> float:
     return float(value)
 
 
-def _float_dtype(t: Tensor) -> torch.dtype:
-    """float32 or wider: half-precision inputs are promoted, float64 stays float64."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _check_group_inputs(scores: Tensor, correct: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    if not isinstance(scores, Tensor) or scores.dim() != 1 or not scores.is_floating_point():
-        raise ValueError(f"scores must be a 1-D floating-point tensor of shape (B,), got {_describe(scores)}")
-    b = scores.shape[0]
-    if not isinstance(correct, Tensor) or correct.shape != (b,):
-        raise ValueError(f"correct must be a tensor of shape ({b},) matching scores, got {_describe(correct)}")
-    if not isinstance(group_ids, Tensor) or group_ids.shape != (b,):
-        raise ValueError(f"group_ids must be a tensor of shape ({b},) matching scores, got {_describe(group_ids)}")
-    if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
-        raise ValueError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
-    if correct.dtype != torch.bool:
-        if not bool(((correct == 0) | (correct == 1)).all()):
-            raise ValueError("correct must be a bool tensor or hold only 0 and 1; threshold rewards before the loss")
-        correct = correct != 0
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError("scores must be finite; got NaN or infinity (check the log-probabilities and masks)")
-    return scores, correct, group_ids
-
-
-def _describe(x: object) -> str:
-    if isinstance(x, Tensor):
-        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return type(x).__name__
-
-
-# --------------------------------------------------------------------------------------------------
-# Group bookkeeping without Python loops.
-# --------------------------------------------------------------------------------------------------
-
-
-class _Groups(NamedTuple):
-    index: Tensor  # (B,) compact group index in 0..K-1
-    size: int  # B: length of the per-group buffers (only the first K are used)
-    present: Tensor  # (B,) bool, slot k holds a group
-    n_pos: Tensor  # (B,) positives per group slot
-    n_neg: Tensor  # (B,) negatives per group slot
-    valid: Tensor  # (B,) bool, the group has >= 1 positive and >= 1 negative
-
-
-def _groups(correct: Tensor, group_ids: Tensor) -> _Groups:
-    b = group_ids.shape[0]
-    sorted_ids, order = torch.sort(group_ids, stable=True)
-    starts = torch.ones(b, dtype=torch.bool, device=group_ids.device)
-    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    index = torch.empty_like(order)
-    index[order] = torch.cumsum(starts, 0) - 1
-    pos = correct.to(torch.long)
-    n_pos = torch.zeros(b, dtype=torch.long, device=group_ids.device).index_add_(0, index, pos)
-    n_all = torch.zeros(b, dtype=torch.long, device=group_ids.device).index_add_(0, index, torch.ones_like(pos))
-    n_neg = n_all - n_pos
-    return _Groups(index, b, n_all > 0, n_pos, n_neg, (n_pos > 0) & (n_neg > 0))
-
-
-def _group_sum(values: Tensor, groups: _Groups) -> Tensor:
-    return torch.zeros(groups.size, dtype=values.dtype, device=values.device).index_add_(0, groups.index, values)
-
-
-def _neg_logsumexp(x: Tensor, neg: Tensor, groups: _Groups) -> tuple[Tensor, Tensor]:
+def _neg_logsumexp(x: Tensor, neg: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
     """Per-group ``LSE_{j in N}(x_j)`` and the softmax ``pi_j`` over each group's negatives.
 
     Groups without negatives get LSE 0 (a safe placeholder, never used with a non-zero weight), so no
@@ -175,7 +103,7 @@ def _neg_logsumexp(x: Tensor, neg: Tensor, groups: _Groups) -> tuple[Tensor, Ten
     # Shift only the negatives: exp of a large positive's score could overflow, and a where() over an
     # infinite branch would turn its zero gradient into NaN.
     shifted = torch.where(neg, torch.exp(torch.where(neg, x - peak[groups.index], 0.0)), 0.0)
-    total = _group_sum(shifted, groups)
+    total = group_sum(shifted, groups)
     safe_total = torch.where(groups.n_neg > 0, total, torch.ones_like(total))
     lse = torch.log(safe_total) + peak
     pi = shifted / safe_total[groups.index]
@@ -183,7 +111,7 @@ def _neg_logsumexp(x: Tensor, neg: Tensor, groups: _Groups) -> tuple[Tensor, Ten
 
 
 def _group_norm_denominator(
-    groups: _Groups, group_norm: str, dtype: torch.dtype, normalizer: float | Tensor | None
+    groups: Groups, group_norm: str, dtype: torch.dtype, normalizer: float | Tensor | None
 ) -> Tensor:
     if normalizer is not None:
         # The caller counted the groups over the whole optimizer-step batch (micro-batching, several ranks).
@@ -191,25 +119,6 @@ def _group_norm_denominator(
         return value.detach().clamp(min=1.0)
     count = groups.valid if group_norm == "valid" else groups.present
     return count.sum().to(dtype).clamp(min=1.0)
-
-
-def _check_normalizer(normalizer: float | Tensor | None) -> None:
-    if normalizer is None:
-        return
-    if isinstance(normalizer, Tensor):
-        if normalizer.numel() != 1 or normalizer.dtype == torch.bool:
-            raise ValueError(f"normalizer must be a number or a 1-element tensor, got {_describe(normalizer)}")
-        # One scalar read back: the input checks already synchronise once, and a NaN count would make the loss NaN.
-        value = float(normalizer)
-        if not 0 <= value < math.inf:
-            raise ValueError(f"normalizer must be a finite count >= 0, got {value!r}")
-        return
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not 0 <= normalizer < math.inf:
-        raise ValueError(f"normalizer must be None or a finite number >= 0 (a group count), got {normalizer!r}")
-
-
-def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,10 +139,10 @@ def sequence_scores(logps: Tensor, mask: Tensor) -> Tensor:
         (B,) scores. A row with no token scores 0; padded positions never leak, even if they hold NaN.
     """
     if not isinstance(logps, Tensor) or logps.dim() != 2 or not logps.is_floating_point():
-        raise ValueError(f"logps must be a 2-D floating-point tensor of shape (B, T), got {_describe(logps)}")
+        raise ValueError(f"logps must be a 2-D floating-point tensor of shape (B, T), got {describe(logps)}")
     if not isinstance(mask, Tensor) or mask.shape != logps.shape:
-        raise ValueError(f"mask must have the shape of logps {tuple(logps.shape)}, got {_describe(mask)}")
-    dtype = _float_dtype(logps)
+        raise ValueError(f"mask must have the shape of logps {tuple(logps.shape)}, got {describe(mask)}")
+    dtype = float_dtype(logps)
     keep = mask if mask.dtype == torch.bool else mask != 0
     total = torch.where(keep, logps.to(dtype), 0.0).sum(-1)
     length = keep.sum(-1).clamp(min=1).to(dtype)
@@ -258,17 +167,17 @@ def clipped_ratio_scores(
         (B,) scores; a row with no token scores 0.
     """
     if not isinstance(logps, Tensor) or logps.dim() != 2 or not logps.is_floating_point():
-        raise ValueError(f"logps must be a 2-D floating-point tensor of shape (B, T), got {_describe(logps)}")
+        raise ValueError(f"logps must be a 2-D floating-point tensor of shape (B, T), got {describe(logps)}")
     for name, t in (("old_logps", old_logps), ("mask", mask)):
         if not isinstance(t, Tensor) or t.shape != logps.shape:
-            raise ValueError(f"{name} must have the shape of logps {tuple(logps.shape)}, got {_describe(t)}")
+            raise ValueError(f"{name} must have the shape of logps {tuple(logps.shape)}, got {describe(t)}")
     if not isinstance(correct, Tensor) or correct.shape != logps.shape[:1]:
-        raise ValueError(f"correct must be a tensor of shape ({logps.shape[0]},), got {_describe(correct)}")
+        raise ValueError(f"correct must be a tensor of shape ({logps.shape[0]},), got {describe(correct)}")
     eps_low = checks.positive("eps_low", eps_low)
     eps_high = checks.positive("eps_high", eps_high)
     if eps_low >= 1:
         raise ValueError(f"eps_low must be in (0, 1) (the ratio floor 1 - eps_low must stay positive), got {eps_low!r}")
-    dtype = _float_dtype(logps)
+    dtype = float_dtype(logps)
     keep = mask if mask.dtype == torch.bool else mask != 0
     log_ratio = torch.where(keep, logps.to(dtype) - old_logps.detach().to(dtype), 0.0)
     ratio = torch.exp(log_ratio)
@@ -319,16 +228,16 @@ def conspo_loss(
             groups), the number of groups that ``group_norm`` counts over the *whole* batch, so that the
             micro-batch losses add up to the full-batch loss. Default: count the groups of this call.
     """
-    scores, correct, group_ids = _check_group_inputs(scores, correct, group_ids)
+    scores, correct, group_ids = check_group_inputs(scores, correct, group_ids)
     tau = check_tau(tau)
-    _check_normalizer(normalizer)
+    check_normalizer(normalizer)
     checks.at_least("margin", margin, 0)
     checks.choice("neg_reduce", neg_reduce, NEG_REDUCES)
     checks.choice("group_norm", group_norm, GROUP_NORMS)
 
-    dtype = _float_dtype(scores)
+    dtype = float_dtype(scores)
     s = scores.to(dtype)
-    groups = _groups(correct, group_ids)
+    groups = compact_groups(correct, group_ids)
     neg = ~correct
     lse, pi = _neg_logsumexp(s / tau, neg, groups)
     if neg_reduce == "mean":
@@ -346,16 +255,12 @@ def conspo_loss(
     with torch.no_grad():
         gate = torch.sigmoid(z)  # g_i = 1 - q_i
         pos_credit = weight * gate
-        push = _group_sum(pos_credit, groups)  # per group: sum_i g_i / |P| / norm
+        push = group_sum(pos_credit, groups)  # per group: sum_i g_i / |P| / norm
         credit = torch.where(active, pos_credit, -push[groups.index] * pi)
         metrics = separation_metrics(s, correct, group_ids, _groups_cache=groups)
-        n_active = active.sum().clamp(min=1).to(dtype)
-        gate_mean = torch.where(active, gate, 0.0).sum() / n_active
-        metrics["gate_mean"] = gate_mean
-        metrics["gate_sd"] = (torch.where(active, (gate - gate_mean) ** 2, 0.0).sum() / n_active).sqrt()
-        metrics["gate_frac_below_0.1"] = (active & (gate < 0.1)).sum().to(dtype) / n_active
-        metrics["neg_entropy"] = _neg_entropy(pi, neg, groups, dtype)
-        metrics["neg_entropy_ratio"] = _neg_entropy_ratio(pi, neg, groups, dtype)
+        metrics.update(gate_metrics(gate, active, dtype))
+        metrics["neg_entropy"] = neg_entropy(pi, neg, groups, dtype)
+        metrics["neg_entropy_ratio"] = neg_entropy_ratio(pi, neg, groups, dtype)
         metrics["margin"] = torch.full((), float(margin), dtype=dtype, device=s.device)
     return LossOutput(loss, credit.detach(), metrics)
 
@@ -382,15 +287,15 @@ def disco_loss(
     ``-softmax_N(s/tau)_j/norm`` (dro) on negatives. The KL trust region is :func:`kl_trust_region`.
     ``normalizer`` is as in :func:`conspo_loss`.
     """
-    scores, correct, group_ids = _check_group_inputs(scores, correct, group_ids)
+    scores, correct, group_ids = check_group_inputs(scores, correct, group_ids)
     tau = check_tau(tau)
-    _check_normalizer(normalizer)
+    check_normalizer(normalizer)
     checks.choice("variant", variant, DISCO_VARIANTS)
     checks.choice("group_norm", group_norm, GROUP_NORMS)
 
-    dtype = _float_dtype(scores)
+    dtype = float_dtype(scores)
     s = scores.to(dtype)
-    groups = _groups(correct, group_ids)
+    groups = compact_groups(correct, group_ids)
     neg = ~correct
     valid_row = groups.valid[groups.index]
     denom = _group_norm_denominator(groups, group_norm, dtype, normalizer)
@@ -409,109 +314,9 @@ def disco_loss(
     with torch.no_grad():
         metrics = separation_metrics(s, correct, group_ids, _groups_cache=groups)
         if variant == "dro":
-            metrics["neg_entropy"] = _neg_entropy(pi, neg, groups, dtype)
-            metrics["neg_entropy_ratio"] = _neg_entropy_ratio(pi, neg, groups, dtype)
+            metrics["neg_entropy"] = neg_entropy(pi, neg, groups, dtype)
+            metrics["neg_entropy_ratio"] = neg_entropy_ratio(pi, neg, groups, dtype)
     return LossOutput(loss, credit.detach(), metrics)
-
-
-def _neg_entropy(pi: Tensor, neg: Tensor, groups: _Groups, dtype: torch.dtype) -> Tensor:
-    """Mean over valid groups of the entropy of the softmax over negatives (nats)."""
-    plogp = torch.where(neg & (pi > 0), pi * torch.log(pi.clamp(min=1e-38)), 0.0)
-    entropy = -_group_sum(plogp, groups)
-    n_valid = groups.valid.sum().clamp(min=1).to(dtype)
-    return torch.where(groups.valid, entropy, 0.0).sum() / n_valid
-
-
-def _neg_entropy_ratio(pi: Tensor, neg: Tensor, groups: _Groups, dtype: torch.dtype) -> Tensor:
-    """How far the credit over negatives is from uniform: the mean over valid groups with two negatives or more of
-    ``H(pi) / log |N|`` (1 = uniform, the linear-gap limit; small = concentrated on the highest-scoring negative).
-    1 when no group has two negatives."""
-    plogp = torch.where(neg & (pi > 0), pi * torch.log(pi.clamp(min=1e-38)), 0.0)
-    entropy = -_group_sum(plogp, groups)
-    several = groups.valid & (groups.n_neg > 1)
-    ratio = entropy / torch.log(groups.n_neg.clamp(min=2).to(dtype))
-    count = several.sum().to(dtype)
-    mean = torch.where(several, ratio, 0.0).sum() / count.clamp(min=1)
-    return torch.where(count > 0, mean, torch.ones_like(mean))
-
-
-def separation_metrics(
-    scores: Tensor, correct: Tensor, group_ids: Tensor, *, _groups_cache: _Groups | None = None
-) -> dict[str, Tensor]:
-    """Diagnostics shared by every method (docs/objectives.md, section 10), detached 0-d tensors.
-
-    * ``score_gap``: mean over valid groups of ``mean_P s - mean_N s``.
-    * ``auc``: mean over valid groups of the group's separation AUC, the fraction of (positive, negative)
-      pairs with ``s_pos > s_neg`` (ties count 1/2), computed from within-group mid-ranks (Mann-Whitney).
-    * ``valid_frac``: fraction of groups with at least one positive and one negative.
-    * ``reward_mean``: fraction of correct rollouts.
-    * ``score_sd``: median over groups of two rows or more of the within-group standard deviation of the scores
-      (population sd; the mean of the two middle values for an even count; 0 with no such group). Added here, not
-      in the paper: ConSPO's tau is calibrated from it at the start of training (docs/results.md).
-
-    With no valid group, ``score_gap`` is 0 and ``auc`` is 0.5 (no information).
-    """
-    if _groups_cache is None:
-        scores, correct, group_ids = _check_group_inputs(scores, correct, group_ids)
-    dtype = _float_dtype(scores)
-    s = scores.detach().to(dtype)
-    groups = _groups_cache if _groups_cache is not None else _groups(correct, group_ids)
-    b = s.shape[0]
-    device = s.device
-    if b == 0:
-        zero = torch.zeros((), dtype=dtype, device=device)
-        return {"score_gap": zero, "auc": zero + 0.5, "valid_frac": zero, "reward_mean": zero, "score_sd": zero}
-    n_pos = groups.n_pos.to(dtype)
-    n_neg = groups.n_neg.to(dtype)
-    pos_f = correct.to(dtype)
-    mean_pos = _safe_div(_group_sum(s * pos_f, groups), n_pos)
-    mean_neg = _safe_div(_group_sum(s * (1 - pos_f), groups), n_neg)
-    n_valid = groups.valid.sum().to(dtype)
-    per_group_gap = torch.where(groups.valid, mean_pos - mean_neg, 0.0)
-
-    # Mid-ranks inside each group: sort by (group, score), then give tied runs their average position.
-    by_score = torch.argsort(s, stable=True)
-    order = by_score[torch.argsort(groups.index[by_score], stable=True)]
-    g_sorted = groups.index[order]
-    s_sorted = s[order]
-    new_run = torch.ones(b, dtype=torch.bool, device=device)
-    new_run[1:] = (g_sorted[1:] != g_sorted[:-1]) | (s_sorted[1:] != s_sorted[:-1])
-    run = torch.cumsum(new_run, 0) - 1
-    position = torch.arange(b, device=device)
-    big = torch.full((b,), b, dtype=torch.long, device=device)
-    run_start = big.scatter_reduce(0, run, position, reduce="amin", include_self=True)
-    run_len = torch.zeros(b, dtype=torch.long, device=device).index_add_(0, run, torch.ones_like(run))
-    group_start = big.scatter_reduce(0, g_sorted, position, reduce="amin", include_self=True)
-    rank_sorted = (run_start[run] - group_start[g_sorted]).to(dtype) + (run_len[run].to(dtype) + 1) / 2
-    rank = torch.empty_like(rank_sorted)
-    rank[order] = rank_sorted
-    rank_sum_pos = _group_sum(rank * pos_f, groups)
-    u = rank_sum_pos - n_pos * (n_pos + 1) / 2
-    per_group_auc = torch.where(groups.valid, _safe_div(u, n_pos * n_neg), 0.0)
-
-    denom = n_valid.clamp(min=1)
-    n_groups = groups.present.sum().to(dtype)
-    return {
-        "score_gap": per_group_gap.sum() / denom,
-        "auc": torch.where(n_valid > 0, per_group_auc.sum() / denom, torch.full_like(denom, 0.5)),
-        "valid_frac": n_valid / n_groups.clamp(min=1),
-        "reward_mean": pos_f.mean(),
-        "score_sd": _median_group_sd(s, groups),
-    }
-
-
-def _median_group_sd(s: Tensor, groups: _Groups) -> Tensor:
-    """Median over groups with >= 2 rows of the within-group population sd of ``s``; 0-d, no host sync."""
-    count = (groups.n_pos + groups.n_neg).to(s.dtype)
-    mean = _safe_div(_group_sum(s, groups), count)
-    dev = s - mean[groups.index]
-    sd = _safe_div(_group_sum(dev * dev, groups), count).clamp(min=0).sqrt()
-    multi = count > 1
-    ranked = torch.sort(torch.where(multi, sd, torch.full_like(sd, float("inf")))).values
-    k = multi.sum()
-    middle = torch.stack([(k - 1).clamp(min=0) // 2, k // 2]).clamp(max=ranked.shape[0] - 1)
-    median = ranked.index_select(0, middle).mean()
-    return torch.where(k > 0, median, torch.zeros_like(median))
 
 
 def margin_at(
@@ -572,13 +377,13 @@ def kl_trust_region(
         mask: (B, T) completion-token mask.
     """
     if not isinstance(logps, Tensor) or logps.dim() != 2 or not logps.is_floating_point():
-        raise ValueError(f"logps must be a 2-D floating-point tensor of shape (B, T), got {_describe(logps)}")
+        raise ValueError(f"logps must be a 2-D floating-point tensor of shape (B, T), got {describe(logps)}")
     for name, t in (("old_logps", old_logps), ("mask", mask)):
         if not isinstance(t, Tensor) or t.shape != logps.shape:
-            raise ValueError(f"{name} must have the shape of logps {tuple(logps.shape)}, got {_describe(t)}")
+            raise ValueError(f"{name} must have the shape of logps {tuple(logps.shape)}, got {describe(t)}")
     delta = checks.positive("delta", delta)
     beta = checks.positive("beta", beta)
-    dtype = _float_dtype(logps)
+    dtype = float_dtype(logps)
     keep = mask if mask.dtype == torch.bool else mask != 0
     diff = torch.where(keep, old_logps.detach().to(dtype) - logps.to(dtype), 0.0)
     if not bool(torch.isfinite(diff).all()):
@@ -598,15 +403,15 @@ def grpo_credit(correct: Tensor, group_ids: Tensor) -> Tensor:
     get 0.
     """
     if not isinstance(correct, Tensor) or correct.dim() != 1:
-        raise ValueError(f"correct must be a 1-D tensor of shape (B,), got {_describe(correct)}")
+        raise ValueError(f"correct must be a 1-D tensor of shape (B,), got {describe(correct)}")
     placeholder = torch.zeros(correct.shape[0], device=correct.device)
-    _, correct, group_ids = _check_group_inputs(placeholder, correct, group_ids)
-    groups = _groups(correct, group_ids)
+    _, correct, group_ids = check_group_inputs(placeholder, correct, group_ids)
+    groups = compact_groups(correct, group_ids)
     n_pos = groups.n_pos.to(torch.float32)
     size = (groups.n_pos + groups.n_neg).to(torch.float32)
-    p = _safe_div(n_pos, size)
-    pos_coef = torch.sqrt(_safe_div(1 - p, p)) / size.clamp(min=1)
-    neg_coef = -torch.sqrt(_safe_div(p, 1 - p)) / size.clamp(min=1)
+    p = safe_div(n_pos, size)
+    pos_coef = torch.sqrt(safe_div(1 - p, p)) / size.clamp(min=1)
+    neg_coef = -torch.sqrt(safe_div(p, 1 - p)) / size.clamp(min=1)
     per_row = torch.where(correct, pos_coef[groups.index], neg_coef[groups.index])
     return torch.where(groups.valid[groups.index], per_row, 0.0)
 
@@ -636,10 +441,10 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, scale: str = "group"
         (B,) advantages, float32 (float64 when ``rewards`` is float64), detached.
     """
     if not isinstance(rewards, Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
-        raise ValueError(f"rewards must be a 1-D floating-point tensor of shape (B,), got {_describe(rewards)}")
+        raise ValueError(f"rewards must be a 1-D floating-point tensor of shape (B,), got {describe(rewards)}")
     b = rewards.shape[0]
     if not isinstance(group_ids, Tensor) or group_ids.shape != (b,):
-        raise ValueError(f"group_ids must be a tensor of shape ({b},) matching rewards, got {_describe(group_ids)}")
+        raise ValueError(f"group_ids must be a tensor of shape ({b},) matching rewards, got {describe(group_ids)}")
     if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
         raise ValueError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
     checks.choice("scale", scale, ADVANTAGE_SCALES)
@@ -647,31 +452,20 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, scale: str = "group"
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards must be finite; got NaN or infinity (score unscorable rollouts before this call)")
 
-    dtype = _float_dtype(rewards)
+    dtype = float_dtype(rewards)
     r = rewards.detach().to(dtype)
-    groups = _groups(torch.zeros(b, dtype=torch.bool, device=r.device), group_ids)
+    groups = compact_groups(torch.zeros(b, dtype=torch.bool, device=r.device), group_ids)
     count = (groups.n_pos + groups.n_neg).to(dtype)
-    centred = r - _safe_div(_group_sum(r, groups), count)[groups.index]
+    centred = r - safe_div(group_sum(r, groups), count)[groups.index]
     if scale == "none":
         return centred
     if scale == "group":
-        var = _safe_div(_group_sum(centred * centred, groups), count - 1)  # 0 for a group of one
+        var = safe_div(group_sum(centred * centred, groups), count - 1)  # 0 for a group of one
         sd = var.clamp(min=0).sqrt()[groups.index]
     else:
         dev = r - r.mean() if b > 0 else r
         sd = (dev * dev).sum().div(max(b - 1, 1)).sqrt().expand(b)
     return centred / (sd + eps)
-
-
-def _check_row_normalizer(normalizer: float | Tensor | None) -> None:
-    if normalizer is None:
-        return
-    if isinstance(normalizer, Tensor):
-        if normalizer.numel() != 1 or normalizer.dtype == torch.bool:
-            raise ValueError(f"normalizer must be a number or a 1-element tensor, got {_describe(normalizer)}")
-        return  # a device tensor is not read back here: that would force a synchronisation
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not 0 <= normalizer < math.inf:
-        raise ValueError(f"normalizer must be None or a finite number >= 0 (a sequence count), got {normalizer!r}")
 
 
 def gmpo_loss(
@@ -725,24 +519,24 @@ def gmpo_loss(
         (token mean of d), ``log_ratio_abs_max``, ``seq_ratio_mean`` (mean of r_i) and ``seq_ratio_max``.
     """
     if not isinstance(logps, Tensor) or logps.dim() != 2 or not logps.is_floating_point():
-        raise ValueError(f"logps must be a 2-D floating-point tensor of shape (B, T), got {_describe(logps)}")
+        raise ValueError(f"logps must be a 2-D floating-point tensor of shape (B, T), got {describe(logps)}")
     shape = tuple(logps.shape)
     if not isinstance(old_logps, Tensor) or tuple(old_logps.shape) != shape or not old_logps.is_floating_point():
         raise ValueError(
-            f"old_logps must be a floating-point tensor of the shape of logps {shape}, got {_describe(old_logps)}"
+            f"old_logps must be a floating-point tensor of the shape of logps {shape}, got {describe(old_logps)}"
         )
     if not isinstance(mask, Tensor) or tuple(mask.shape) != shape:
-        raise ValueError(f"mask must have the shape of logps {shape}, got {_describe(mask)}")
+        raise ValueError(f"mask must have the shape of logps {shape}, got {describe(mask)}")
     if not isinstance(advantages, Tensor) or tuple(advantages.shape) != shape[:1] or not advantages.is_floating_point():
         raise ValueError(
             f"advantages must be a 1-D floating-point tensor of shape ({shape[0]},), one per row of logps, "
-            f"got {_describe(advantages)}"
+            f"got {describe(advantages)}"
         )
     eps_low = checks.positive("eps_low", eps_low)
     eps_high = checks.positive("eps_high", eps_high)
-    _check_row_normalizer(normalizer)
+    check_row_normalizer(normalizer)
 
-    dtype = _float_dtype(logps)
+    dtype = float_dtype(logps)
     keep = mask if mask.dtype == torch.bool else mask != 0
     adv = advantages.detach().to(dtype)
     if not bool(torch.isfinite(adv).all()):
