@@ -2,9 +2,10 @@
 """Set up conspo in a local virtual environment and run one of its jobs. Needs only Python >= 3.11.
 
     python3 bootstrap.py train [conspo train options]   # set up, then run the main job on its embedded default
-    python3 bootstrap.py test  [pytest options]         # set up with the dev extras, then run the whole test suite
-                                                        # (then the verl plug-in's tests in .venv-verl
-                                                        # and the colocated-vLLM tests in .venv-vllm)
+    python3 bootstrap.py test  [pytest options]         # set up with the dev extras, lint (ruff check src tests),
+                                                        # then run the whole test suite (then the verl plug-in's
+                                                        # tests in .venv-verl and the colocated-vLLM tests in
+                                                        # .venv-vllm)
     python3 bootstrap.py bench [benchmark options]      # set up, then run the objectives benchmark
     python3 bootstrap.py shell                          # set up, then print the path of the environment's python
 
@@ -179,6 +180,12 @@ def main(argv: list[str]) -> int:
     job, rest = argv[0], argv[1:]
     if job == "test":
         py = setup("dev")
+        lint = [str(py), "-m", "ruff", "check", "src", "tests"]  # first: a lint error fails in seconds, not after pytest
+        print("+", " ".join(lint), flush=True)
+        lint_rc = subprocess.run(lint, cwd=ROOT).returncode
+        if lint_rc:
+            print("ruff check failed (above); `ruff check --fix src tests` repairs most of it. Tests not run.", flush=True)
+            return lint_rc
         main_rc = subprocess.run([str(py), "-m", "pytest", *rest], cwd=ROOT).returncode
         verl_rc = run_verl_tests()  # after the main run, in its own environment (see setup_verl)
         vllm_rc = run_vllm_tests()  # then colocated vLLM rollouts, in a third environment (see setup_vllm)
