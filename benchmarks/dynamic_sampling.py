@@ -38,17 +38,18 @@ def run_one(setting: str, seed: int, dynamic: bool, budget: int, prompts: int, w
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from conspo.presets import preset_config
+    from conspo import embedded
+    from conspo.evaluation import heldout_accuracy
+    from conspo.presets import DEFAULT_RL, preset_config
     from conspo.prompts import problem_prompt
     from conspo.rewards import make_reward_func
-    from conspo.run import heldout_accuracy
-    from conspo.tasks import arithmetic, tiny_model
+    from conspo.tasks import arithmetic
     from conspo.trainer import ConSPOTrainer
 
     task = arithmetic.make_task()
     steps = None if setting == "default" else HARD_WARM_STEPS
-    policy, tokenizer = tiny_model.load_tiny(tiny_model.warm_start(task, seed=0, steps=steps))
-    group = tiny_model.DEFAULT_RL["num_generations"]
+    policy, tokenizer = embedded.load_tiny(embedded.warm_start(task, seed=0, steps=steps))
+    group = DEFAULT_RL["num_generations"]
     per_step = prompts * group
 
     class Budget(TrainerCallback):
@@ -63,7 +64,7 @@ def run_one(setting: str, seed: int, dynamic: bool, budget: int, prompts: int, w
                 if self.generated >= budget:
                     control.should_training_stop = True
 
-    settings = {**tiny_model.DEFAULT_RL, "per_device_train_batch_size": per_step,
+    settings = {**DEFAULT_RL, "per_device_train_batch_size": per_step,
                 "max_completion_length": task.max_completion_length, "max_steps": budget // per_step,
                 "output_dir": str(workdir / f"{setting}-{seed}-{int(dynamic)}"), "save_strategy": "no",
                 "logging_steps": 1, "report_to": "none", "use_cpu": True, "bf16": False, "seed": seed,

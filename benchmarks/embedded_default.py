@@ -37,7 +37,9 @@ def main() -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from conspo.tasks import tiny_model
+    from conspo import embedded
+    from conspo.evaluation import greedy_accuracy
+    from conspo.presets import DEFAULT_RL
     from conspo.tasks.arithmetic import make_task
 
     if args.threads:
@@ -45,14 +47,14 @@ def main() -> None:
     task = make_task(seed=args.seed)
     cache = tempfile.mkdtemp(prefix="conspo-bench-") if args.fresh else args.cache_dir
     t = time.perf_counter()
-    warm = tiny_model.WarmStartConfig(**json.loads(args.warm))
-    path = tiny_model.warm_start(task, seed=args.seed, cache_dir=cache, config=warm)
+    warm = embedded.WarmStartConfig(**json.loads(args.warm))
+    path = embedded.warm_start(task, seed=args.seed, cache_dir=cache, config=warm)
     warm_s = time.perf_counter() - t
     info = json.loads((path / "warm_start.json").read_text())
-    model, tokenizer = tiny_model.load_tiny(path)
+    model, tokenizer = embedded.load_tiny(path)
 
     def heldout() -> float:
-        return tiny_model.greedy_accuracy(
+        return greedy_accuracy(
             model, tokenizer, task.test, task.verifier, max_new_tokens=task.max_completion_length
         )
 
@@ -61,7 +63,7 @@ def main() -> None:
     def reward(prompts, completions, answer, **_):
         return [task.verifier(c, a).score for c, a in zip(completions, answer)]
 
-    rl = {**tiny_model.DEFAULT_RL, "max_completion_length": task.max_completion_length, **json.loads(args.rl)}
+    rl = {**DEFAULT_RL, "max_completion_length": task.max_completion_length, **json.loads(args.rl)}
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="conspo-bench-grpo-"),
         loss_type="grpo",

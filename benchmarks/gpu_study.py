@@ -233,7 +233,7 @@ def parse_seeds(text: str) -> list[int]:
 def encode_sft(tokenizer, problems, device):
     """Right-padded ``input_ids`` and ``labels`` (-100 on prompt and padding): completion = ``answer`` + EOS.
 
-    ``answer`` here is the supervised target (``tiny_model.teacher_target``), not necessarily the true answer.
+    ``answer`` here is the supervised target (``embedded.teacher_target``), not necessarily the true answer.
     """
     import torch
 
@@ -257,8 +257,8 @@ def encode_sft(tokenizer, problems, device):
 
 
 def greedy_accuracy(model, tokenizer, problems, verifier, *, max_new_tokens: int) -> float:
-    """``tiny_model.greedy_accuracy`` in batches of 1024 (the held-out set in one batch on a GPU)."""
-    from conspo.tasks.tiny_model import greedy_accuracy as tiny_greedy_accuracy
+    """``evaluation.greedy_accuracy`` in batches of 1024 (the held-out set in one batch on a GPU)."""
+    from conspo.evaluation import greedy_accuracy as tiny_greedy_accuracy
 
     return tiny_greedy_accuracy(model, tokenizer, problems, verifier, max_new_tokens=max_new_tokens, batch_size=1024)
 
@@ -612,8 +612,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from datasets import Dataset
 
+    from conspo.embedded import TinyModelSpec, build_model, build_tokenizer, teacher_target
     from conspo.tasks.arithmetic import make_task
-    from conspo.tasks.tiny_model import TinyModelSpec, build_model, build_tokenizer, teacher_target
 
     try:
         task = make_task(difficulty=spec_ar, n_train=args.n_train + args.val_size, n_test=args.n_test, seed=0,

@@ -247,7 +247,7 @@ def test_choose_backend_without_vllm():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from conspo.tasks.tiny_model import TinyModelSpec, build_model, build_tokenizer
+    from conspo.embedded import TinyModelSpec, build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     spec = TinyModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
@@ -282,9 +282,9 @@ class ScriptedModel:
 
 
 def test_evaluate_records_lengths_and_truncation(tiny_dir):
+    from conspo.embedded import build_tokenizer
     from conspo.evaluation import evaluate, load_task
     from conspo.tasks.datasets import MATH_INSTRUCTION
-    from conspo.tasks.tiny_model import build_tokenizer
 
     tok = build_tokenizer()
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -309,7 +309,8 @@ def test_evaluate_records_lengths_and_truncation(tiny_dir):
 
 
 def test_same_seed_same_samples(tiny_dir):
-    from conspo.evaluation import evaluate, load_model, load_task
+    from conspo.evaluation import evaluate, load_task
+    from conspo.loading import load_model
 
     model, tok = load_model(str(tiny_dir))
     assert tok.decode(tok("1 + 2", add_special_tokens=False)["input_ids"]) == "1 + 2"  # spaces kept
@@ -326,7 +327,8 @@ def test_same_seed_same_samples(tiny_dir):
 
 
 def test_the_checkpoints_generation_config_does_not_reach_sampling(tiny_dir):
-    from conspo.evaluation import evaluate, load_model, load_task
+    from conspo.evaluation import evaluate, load_task
+    from conspo.loading import load_model
 
     model, tok = load_model(str(tiny_dir))
     task = load_task(dataset=str(write_dataset(tiny_dir.parent / "genconf.jsonl")))
@@ -423,9 +425,9 @@ def recorded_generate(monkeypatch):
 
 
 def test_protocol_paper_samples_as_the_paper_and_says_so(tiny_dir, tmp_path, recorded_generate):
+    from conspo.embedded import build_tokenizer
     from conspo.evaluation import SUMMARY_FILE, TABLE_FILE
     from conspo.tasks.datasets import PAPER_INSTRUCTION
-    from conspo.tasks.tiny_model import build_tokenizer
 
     data, out = write_dataset(tmp_path / "d.jsonl"), tmp_path / "out"
     assert run_cli("--model", tiny_dir, "--dataset", data, "--protocol", "paper", "--max-new-tokens", 3,
@@ -450,8 +452,8 @@ def test_protocol_paper_samples_as_the_paper_and_says_so(tiny_dir, tmp_path, rec
 
 
 def test_explicit_settings_override_the_protocol(tiny_dir, tmp_path, recorded_generate):
+    from conspo.embedded import build_tokenizer
     from conspo.evaluation import SUMMARY_FILE
-    from conspo.tasks.tiny_model import build_tokenizer
 
     data, out = write_dataset(tmp_path / "d.jsonl"), tmp_path / "out"
     assert run_cli("--model", tiny_dir, "--dataset", data, "--protocol", "paper", "--samples", 4, "--k", "1,4",
@@ -481,7 +483,8 @@ def test_default_sampling_is_the_papers_for_math_tasks_only(source, sampling, ti
 
 
 def test_top_p_near_zero_is_greedy_and_one_is_not(tiny_dir):
-    from conspo.evaluation import evaluate, load_model, load_task
+    from conspo.evaluation import evaluate, load_task
+    from conspo.loading import load_model
 
     model, tok = load_model(str(tiny_dir))
     task = load_task(dataset=str(write_dataset(tiny_dir.parent / "topp.jsonl")))
@@ -514,7 +517,8 @@ def test_vllm_gets_top_p_and_the_same_prompt_ids(tiny_dir, monkeypatch, recorded
     import sys
     import types
 
-    from conspo.evaluation import evaluate, load_model, load_task
+    from conspo.evaluation import evaluate, load_task
+    from conspo.loading import load_model
 
     made = []
 
@@ -540,3 +544,157 @@ def test_vllm_gets_top_p_and_the_same_prompt_ids(tiny_dir, monkeypatch, recorded
     assert len(records) == 6 and summary["settings"]["device"] == "vllm"
     evaluate(model, tok, task, samples=1, ks=[1], max_new_tokens=4, progress=False)  # the transformers path
     assert LLM.requests == [row for c in recorded_generate for row in c["rows"]]
+
+
+# ----------------------------------------------------------------------------------------------- resume, --limit, gold
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_an_interrupted_eval_continues_from_its_samples_and_equals_an_uninterrupted_one(tiny_dir, tmp_path,
+                                                                                         monkeypatch, capsys):
+    import transformers
+
+    from conspo.evaluation import PROGRESS_FILE, SAMPLES_FILE, SUMMARY_FILE
+
+    data = write_dataset(tmp_path / "d.jsonl")
+    args = ["--model", tiny_dir, "--dataset", data, "--samples", 3, "--k", "1,3", "--max-new-tokens", 4,
+            "--batch-size", 2, "--seed", 5]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert run_cli(*args, "--output-dir", whole) == 0
+    expected = _read(whole / SAMPLES_FILE)
+    assert len(expected) == 9 and (whole / PROGRESS_FILE).is_file()
+
+    # Killed during the fourth batch: three whole batches (6 samples), then one sample of the next, then a torn line.
+    assert run_cli(*args, "--output-dir", part) == 0
+    lines = (part / SAMPLES_FILE).read_text().splitlines()
+    (part / SAMPLES_FILE).write_text("\n".join(lines[:7]) + "\n" + lines[7][:20])
+    (part / SUMMARY_FILE).unlink()
+    batches = []
+    real = transformers.GenerationMixin.generate
+
+    def counting(self, *a, **kw):
+        batches.append(kw["input_ids"].shape[0])
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", counting)
+    capsys.readouterr()
+    assert run_cli(*args, "--output-dir", part) == 0
+    err = capsys.readouterr().err
+    assert "continuing" in err and "6 of 9 samples there" in err
+    assert batches == [2, 1]  # only the batches not finished before: 4 (samples 7-8) and 5 (sample 9)
+    assert _read(part / SAMPLES_FILE) == expected  # bit-identical samples (per-batch seeds)
+    assert json.loads((part / SUMMARY_FILE).read_text())["overall"] == \
+        json.loads((whole / SUMMARY_FILE).read_text())["overall"]
+
+    # A finished evaluation rerun with the same settings generates nothing and reports the same numbers.
+    batches.clear()
+    assert run_cli(*args, "--output-dir", part) == 0 and batches == []
+    assert _read(part / SAMPLES_FILE) == expected
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_them_and_touches_nothing(tiny_dir, tmp_path, capsys):
+    from conspo.evaluation import SAMPLES_FILE
+
+    data, out = write_dataset(tmp_path / "d.jsonl"), tmp_path / "out"
+    base = ["--model", tiny_dir, "--dataset", data, "--max-new-tokens", 3, "--output-dir", out]
+    assert run_cli(*base, "--samples", 2) == 0
+    before = (out / SAMPLES_FILE).read_bytes()
+    capsys.readouterr()
+    assert run_cli(*base, "--samples", 4) == 2
+    err = capsys.readouterr().err
+    assert "is not continued: it was made with other settings: samples 2 -> 4" in err
+    assert "give another --output-dir" in err and err.count("\n") == 1
+    assert (out / SAMPLES_FILE).read_bytes() == before
+    (out / "eval_progress.json").unlink()  # a samples file without its settings (an older conspo): not guessed at
+    assert run_cli(*base, "--samples", 2) == 2
+    assert "no eval_progress.json records the settings" in capsys.readouterr().err
+
+
+def test_limit_takes_a_fixed_seeded_sample_not_the_first_problems(tiny_dir, tmp_path):
+    from conspo.evaluation import LIMIT_SEED, SAMPLES_FILE, select_problems
+
+    problems = [{"question": f"{i}+0=", "answer": str(i)} for i in range(200)]
+    chosen = select_problems(problems, 20)
+    assert chosen == sorted(random.Random(LIMIT_SEED).sample(range(200), 20))  # the reference, drawn here
+    assert chosen != list(range(20)) and len(set(chosen)) == 20 and chosen == sorted(chosen)
+    assert select_problems(problems, 20) == chosen and select_problems(problems, None) == list(range(200))
+    assert select_problems(problems, 500) == list(range(200))
+    out = tmp_path / "out"
+    assert run_cli("--model", tiny_dir, "--task", "arithmetic", "--limit", 5, "--samples", 1, "--max-new-tokens", 2,
+                   "--output-dir", out, "--seed", 3) == 0
+    from conspo.evaluation import load_task
+
+    test = load_task("arithmetic").test
+    records = _read(out / SAMPLES_FILE)
+    indices = select_problems(test, 5)
+    assert [r["problem"] for r in records] == indices  # the problem's index in the task's held-out split
+    assert [r["answer"] for r in records] == [test[i]["answer"] for i in indices]
+
+
+def test_the_answer_of_a_reasoning_gym_sample_is_the_gold_not_the_encoded_entry(tiny_dir, tmp_path):
+    from conspo.evaluation import SAMPLES_FILE
+    from conspo.tasks.registry import get_task
+
+    pytest.importorskip("reasoning_gym")
+    out = tmp_path / "out"
+    spec = "reasoning_gym:basic_arithmetic"
+    assert run_cli("--model", tiny_dir, "--task", spec, "--limit", 3, "--samples", 1, "--max-new-tokens", 2,
+                   "--output-dir", out) == 0
+    test = get_task(spec).test
+    records = _read(out / SAMPLES_FILE)
+    assert len(records) == 3
+    for r in records:
+        problem = test[r["problem"]]
+        assert r["answer"] == problem["reference"] and r["answer"] != problem["answer"]
+        assert not r["answer"].startswith("{")
+
+
+def test_progress_moves_by_one_finished_sample_at_a_time():
+    import torch
+
+    from conspo.evaluation import _finished_rows_counter
+
+    class Bar:
+        def __init__(self):
+            self.updates = []
+
+        def update(self, n):
+            self.updates.append(n)
+
+    bar = Bar()
+    counter = _finished_rows_counter(2, [1], bar)  # prompts 2 tokens wide, end-of-sequence id 1
+    steps = [[[5, 5, 7], [5, 5, 1], [5, 5, 7]],
+             [[5, 5, 7, 7], [5, 5, 1, 0], [5, 5, 7, 1]],
+             [[5, 5, 7, 7, 1], [5, 5, 1, 0, 0], [5, 5, 7, 1, 0]]]
+    for ids in steps:
+        stop = counter(torch.tensor(ids), None)
+        assert stop.tolist() == [False, False, False]  # it never stops generation itself
+    assert bar.updates == [1, 1, 1] and counter.counted == 3
+    bar2 = Bar()
+    counter = _finished_rows_counter(1, [1], bar2)
+    counter(torch.tensor([[1, 0], [0, 3]]), None)  # an end-of-sequence in the prompt does not count
+    assert bar2.updates == []
+
+
+def test_the_eval_progress_bar_counts_every_sample_once(tiny_dir, monkeypatch):
+    from conspo import evaluation
+    from conspo.evaluation import evaluate, load_task
+    from conspo.loading import load_model
+
+    model, tok = load_model(str(tiny_dir))
+    task = load_task(dataset=str(write_dataset(tiny_dir.parent / "bar.jsonl")))
+    moved = []
+    real = evaluation._progress
+
+    def progress(total, desc, unit, enabled, initial=0):
+        bar = real(total, desc, unit, True, initial)
+        original = bar.update
+        bar.update = lambda n=1: (moved.append(n), original(n))[1]
+        return bar
+
+    monkeypatch.setattr(evaluation, "_progress", progress)
+    evaluate(model, tok, task, samples=3, ks=[1], max_new_tokens=6, batch_size=4, progress=True)
+    assert sum(moved) == 9 and max(moved) <= 4

@@ -50,9 +50,9 @@ def test_every_path_gives_the_embedded_model_the_same_prompt_ids(source, templat
 
     import conspo.tasks.registry as registry
     import conspo.trainer
+    from conspo import embedded as tiny_model
     from conspo import evaluation, run
     from conspo.cli import main
-    from conspo.tasks import tiny_model
 
     spec = tiny_model.TinyModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                     intermediate_size=64, max_position_embeddings=512)
@@ -90,10 +90,10 @@ def test_every_path_gives_the_embedded_model_the_same_prompt_ids(source, templat
         eos = torch.full((input_ids.shape[0], 1), self.config.eos_token_id, dtype=input_ids.dtype)
         return torch.cat([input_ids, eos.to(input_ids.device)], dim=1)
 
-    real_heldout, real_evaluate = run.heldout_accuracy, evaluation.evaluate
+    real_heldout, real_evaluate = evaluation.heldout_accuracy, evaluation.evaluate
 
     def heldout(*args, **kwargs):
-        phase[0] = "held-out (run.heldout_accuracy)"
+        phase[0] = "held-out (evaluation.heldout_accuracy)"
         try:
             return real_heldout(*args, **kwargs)
         finally:
@@ -112,7 +112,7 @@ def test_every_path_gives_the_embedded_model_the_same_prompt_ids(source, templat
     monkeypatch.setattr(tiny_model, "warm_start", warm_start)
     monkeypatch.setattr(tiny_model, "_encode_examples", encode)
     monkeypatch.setattr(transformers.GenerationMixin, "generate", generate)
-    monkeypatch.setattr(run, "heldout_accuracy", heldout)
+    monkeypatch.setattr(evaluation, "heldout_accuracy", heldout)
     monkeypatch.setattr(evaluation, "evaluate", evaluate)
     monkeypatch.setattr(conspo.trainer, "ConSPOTrainer", Trainer)
 
@@ -142,10 +142,10 @@ def test_every_path_gives_the_embedded_model_the_same_prompt_ids(source, templat
         ids_of.setdefault(question, {}).setdefault(path, set()).add(tuple(ids))
 
     every_path = {"warm start training", "warm start validation (greedy_accuracy)",
-                  "RL (TRL GRPOTrainer._tokenize_prompts)", "held-out (run.heldout_accuracy)", "conspo eval"}
+                  "RL (TRL GRPOTrainer._tokenize_prompts)", "held-out (evaluation.heldout_accuracy)", "conspo eval"}
     assert {path for paths in ids_of.values() for path in paths} == every_path
     shared = task.train[0]["question"]
-    assert {"warm start training", "RL (TRL GRPOTrainer._tokenize_prompts)", "held-out (run.heldout_accuracy)",
+    assert {"warm start training", "RL (TRL GRPOTrainer._tokenize_prompts)", "held-out (evaluation.heldout_accuracy)",
             "conspo eval"} <= set(ids_of[shared])
     for question, paths in ids_of.items():
         distinct = set().union(*paths.values())
@@ -183,8 +183,8 @@ def test_held_out_evaluation_matches_trl_with_a_tokenizer_that_adds_bos(template
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from trl import GRPOConfig
 
+    from conspo.evaluation import heldout_accuracy
     from conspo.rewards.verifiers import math_verify_match
-    from conspo.run import heldout_accuracy
     from conspo.tasks.base import Task
     from conspo.tasks.datasets import MATH_INSTRUCTION, format_prompt
 

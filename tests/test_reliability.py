@@ -242,7 +242,7 @@ def test_heldout_evaluation_consumes_no_random_numbers(tiny_dir):
     import numpy as np
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from conspo.run import heldout_accuracy
+    from conspo.evaluation import heldout_accuracy
     from conspo.tasks.registry import get_task
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)

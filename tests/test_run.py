@@ -321,7 +321,7 @@ def test_the_checkpoint_is_chosen_on_validation_never_on_test(tiny, tmp_path, mo
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from conspo import run
+    from conspo import evaluation
 
     val_scores, test_scores, calls = [0.1, 0.5, 0.2], [0.9, 0.1, 0.3, 0.42], {"val": 0, "test": 0}
 
@@ -332,7 +332,7 @@ def test_the_checkpoint_is_chosen_on_validation_never_on_test(tiny, tmp_path, mo
         calls[kind] += 1
         return (test_scores if kind == "test" else val_scores)[calls[kind] - 1]
 
-    monkeypatch.setattr(run, "heldout_accuracy", scripted)
+    monkeypatch.setattr(evaluation, "heldout_accuracy", scripted)
     monkeypatch.chdir(tmp_path)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(SMALL_YAML.replace("save_steps: 100", "save_steps: 1"))

@@ -284,8 +284,8 @@ def test_run_train_end_to_end_with_vllm_on_the_embedded_default(tmp_path, monkey
     start into a temporary cache, two optimizer steps from vLLM rollouts. (20 warm-start steps teach the model no
     answer, so the rewards are 0 and the steps carry no gradient: this checks the plumbing, the tests above the
     numbers; 100 steps still scored 0 and cost two minutes here.)"""
+    from conspo import embedded as tiny_model
     from conspo import run
-    from conspo.tasks import tiny_model
 
     spec = tiny_model.TinyModelSpec()
     assert spec.hidden_size // spec.num_attention_heads == 32  # a head size vLLM's CPU attention takes

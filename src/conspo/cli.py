@@ -15,9 +15,7 @@ import argparse
 import importlib
 import sys
 
-# Kept in step with conspo.presets.ALL_METHODS (tests/test_cli.py checks it) so that --help imports nothing heavy.
-METHODS = ("conspo", "disco", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo", "gmpo",
-           "conspo_linear_gap", "conspo_clipped_ratio", "conspo_no_margin", "conspo_fixed_margin")
+from conspo.presets import ALL_METHODS  # (names only: conspo.presets imports nothing heavy)
 
 # command -> "module:function"; the function takes the parsed argparse namespace and returns an exit code.
 _HANDLERS = {
@@ -52,6 +50,8 @@ class _Refuse(argparse.Action):
 
 def _add_source_options(p) -> None:
     p.add_argument("--model", default=None, help="Hugging Face id or local path (default: the embedded tiny model)")
+    p.add_argument("--gguf-file", "--gguf_file", dest="gguf_file", default=None,
+                   help="a GGUF file inside --model to load (unpacked to a plain float32 model; needs the gguf package)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", default=None,
                      help="built-in task: arithmetic (default) or arithmetic_worked; or reasoning_gym:<name>")
@@ -91,8 +91,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _conspo_defaults() -> dict[str, str]:
     """field -> conspo's default where it differs from the dataclass's (shown in the help of that flag)."""
+    from conspo.presets import DEFAULT_RL
     from conspo.run import COMPUTED_DEFAULTS, FIXED_DEFAULTS, PRETRAINED_DEFAULTS
-    from conspo.tasks.tiny_model import DEFAULT_RL
 
     notes: dict[str, list[str]] = {}
     for name, value in DEFAULT_RL.items():
@@ -134,7 +134,7 @@ COMPARE_USAGE = ("%(prog)s [--methods A,B,...] [--seeds N] [--model MODEL] [--ta
 
 
 def _add_train_script_options(p) -> None:
-    p.add_argument("--method", choices=METHODS, default="conspo", help="objective or baseline preset")
+    p.add_argument("--method", choices=ALL_METHODS, default="conspo", help="objective or baseline preset")
     _add_source_options(p)
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
                    help="where checkpoints, metrics and plots go (default: the YAML's output_dir, else "

@@ -75,7 +75,8 @@ def sampled_eval(run_dir: Path, summary: dict, train_options: dict, *, samples: 
                 and made.get("temperature") == temperature):
             return result
         print(f"[conspo compare] {cached} was made with other sampling settings; evaluating again")
-    from conspo.evaluation import evaluate, load_model
+    from conspo.evaluation import evaluate
+    from conspo.loading import load_model
     from conspo.run import resolve_task
 
     task = resolve_task(train_options.get("task"), train_options.get("dataset"), seed=summary["seed"],

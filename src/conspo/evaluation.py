@@ -1,24 +1,44 @@
-"""``conspo eval``: sample N completions per problem, verify them, report avg@k, pass@k and maj@k.
+"""Greedy and sampled evaluation, the one home of both, and ``conspo eval``.
 
-The metrics are pure functions in :mod:`conspo.metrics`; this module loads the model, samples and writes
-the results. Sampling is temperature sampling with optional nucleus (top-p) sampling, nothing else (no top-k,
-min-p or repetition penalty, whatever the checkpoint's generation config says); ``temperature=0`` is greedy.
-The (problem, sample) pairs are laid out problem-major and cut into batches of ``batch_size``; torch is seeded
-before each batch from ``(seed, batch index)``, so the same seed, batch size and inputs give the same
-completions and numbers.
+Every measured accuracy comes from here: ``conspo train``'s held-out and validation checks
+(:func:`heldout_accuracy`), the embedded model's warm-start stopping rule (:func:`greedy_accuracy`),
+``conspo eval`` and ``conspo compare``'s sampled metrics (:func:`evaluate`) and the benchmarks. The metrics are
+pure functions in :mod:`conspo.metrics`. One rule each, everywhere:
+
+- **Correct** means a verifier score >= ``CORRECT_SCORE`` (1.0): greedy accuracy is the fraction of problems
+  answered correctly, avg@k/pass@k/maj@k count correct samples; partial credit is reported only as ``mean_score``.
+  A verifier that raises scores the sample 0.0 (logged) instead of losing the evaluation.
+- **No problems** gives NaN for greedy accuracy (no measurement, never a measured 0.0); ``conspo compare``'s
+  means skip NaN.
+- **Decoding** uses only the settings given (temperature, top-p, ``max_new_tokens``, end-of-sequence ids): the
+  checkpoint's own generation config (repetition_penalty, min_p, top_k, ...) is blanked while generating
+  (:func:`generate_batches`). ``temperature=0`` is greedy. Completions are cut at the first end-of-sequence
+  token; one is truncated when it has none within ``max_new_tokens``.
+- **Budget**: held-out checks during training generate up to the run's ``max_completion_length``; ``conspo eval``
+  up to ``--max-new-tokens`` (default the task's).
+
+Sampling: the (problem, sample) pairs are laid out problem-major and cut into batches of ``batch_size``; torch is
+seeded before each batch from ``(seed, batch index)``, so the same seed, batch size and inputs give the same
+completions and numbers, and an evaluation continued from its samples file equals an uninterrupted one.
+``--limit M`` evaluates a sample of M problems drawn with the fixed ``LIMIT_SEED`` (the same problems for every
+checkpoint and seed), not the first M. ``conspo eval`` writes each batch's samples to ``eval_samples.jsonl`` as it
+finishes (with its settings in ``eval_progress.json``): a rerun with the same settings continues from the complete
+batches there; a rerun with other settings is refused, naming them, before the model is loaded. The progress bar
+moves by one per finished sample.
 
 Protocols (``--protocol``, :data:`PROTOCOLS`): ``default`` (4 samples, k=1; temperature 0.6 and top-p 0.95 for
 math tasks, temperature 1.0 without top-p for the others) and ``paper`` (the paper's evaluation: temperature 0.6,
 top-p 0.95, 32 samples, k in {1, 32}, the prompt ``PAPER_INSTRUCTION``). Explicit settings override the
 protocol's; the summary records the protocol used. Prompts are rendered and tokenised by ``conspo.prompts``,
-exactly as for RL.
+exactly as for RL; models are loaded by ``conspo.loading``.
 
 Backends: ``transformers`` (``model.generate``), or ``vllm`` when it is installed and a GPU is present
 (``--backend auto``, the default, picks it then). The vLLM path is small on purpose: prompts go in as token
 ids from conspo's tokenizer and completions are decoded by it, so both backends share tokenisation,
 length counting and verification; each problem's request is seeded from ``(seed, problem index)``.
-A completion's length counts generated tokens before the first end-of-sequence token; it is truncated when
-it has no end-of-sequence token within ``max_new_tokens``.
+
+Why one file past 400 lines: generation, the two evaluations and the command share the decoding rules above and
+read best together.
 """
 
 from __future__ import annotations
@@ -30,24 +50,26 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import sys
 import time
 from pathlib import Path
 
+from conspo.loading import check_model, load_model
 from conspo.metrics import CORRECT_SCORE, metric_names, summarize
+from conspo.presets import DEFAULT_TASK
 from conspo.prompts import problem_prompt, prompt_ids
 from conspo.tasks.base import Task
 from conspo.tasks.datasets import PAPER_INSTRUCTION
 
 logger = logging.getLogger("conspo.evaluation")
 
-DEFAULT_TASK = "arithmetic"
 SAMPLES_FILE, SUMMARY_FILE, TABLE_FILE = "eval_samples.jsonl", "eval_summary.json", "eval_summary.md"
 BACKENDS = ("auto", "transformers", "vllm")
-# Tokenizer classes saved by conspo's tiny model (``PreTrainedTokenizerFast``; transformers 5 writes its
-# alias ``TokenizersBackend``): load them as such, since AutoTokenizer on a qwen2 checkpoint drops spaces.
-_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+PROGRESS_FILE = "eval_progress.json"
+LIMIT_SEED = 0
+"""Seeds the sample of problems ``--limit`` evaluates (fixed: every checkpoint and seed sees the same ones)."""
 
 
 class EvalError(ValueError):
@@ -138,18 +160,6 @@ def choose_backend(backend: str, gguf_file: str | None = None) -> str:
     return "transformers"
 
 
-def _check_model_path(model: str, gguf_file: str | None) -> None:
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise EvalError(f"--model {model}: not a directory")
-        if not (path / (gguf_file or "config.json")).is_file():
-            what = f"no {gguf_file} there (--gguf-file)" if gguf_file else "no config.json there"
-            raise EvalError(f"--model {model}: not a model directory ({what})")
-    elif model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not a Hugging Face id
-        raise EvalError(f"--model {model}: no such directory")
-
-
 def check_settings(samples: int, ks, *, limit=None, batch_size: int = 1, max_new_tokens=None,
                    temperature: float = 1.0, top_p: float | None = None) -> None:
     """Raise EvalError naming the first bad sampling setting."""
@@ -211,53 +221,7 @@ def resolve_protocol(name: str, task: Task | None = None, **given) -> dict:
     return out
 
 
-def load_tokenizer(model: str, gguf_file: str | None = None):
-    """The checkpoint's tokenizer (see ``_FAST_CLASSES``); its pad token defaults to end-of-sequence."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    config = Path(model).expanduser() / "tokenizer_config.json"
-    saved_class = None
-    if gguf_file is None and config.is_file():
-        try:
-            saved_class = json.loads(config.read_text()).get("tokenizer_class")
-        except (OSError, ValueError):
-            saved_class = None
-    if saved_class in _FAST_CLASSES:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(model)
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model, gguf_file=gguf_file)
-        except (OSError, ValueError, KeyError) as error:
-            if gguf_file is not None or not (Path(model) / "tokenizer.json").is_file():
-                raise EvalError(f"--model {model}: cannot load its tokenizer: {error}") from error
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_model(model: str, gguf_file: str | None = None, *, backend: str = "transformers", seed: int = 0):
-    """``(model, tokenizer)``: a transformers causal LM in eval mode (float32 on CPU, bfloat16 on a GPU that
-    supports it; a GGUF file is dequantised to float32 first), or a ``vllm.LLM`` for ``backend="vllm"``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    _check_model_path(model, gguf_file)
-    tokenizer = load_tokenizer(model, gguf_file)
-    if backend == "vllm":
-        from vllm import LLM
-
-        return LLM(model=str(Path(model).expanduser()), seed=seed), tokenizer
-    try:
-        policy = AutoModelForCausalLM.from_pretrained(model, gguf_file=gguf_file, dtype=torch.float32)
-    except OSError as error:
-        raise EvalError(f"--model {model}: cannot load the model: {error}") from error
-    if torch.cuda.is_available():
-        policy = policy.to("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
-    return policy.eval(), tokenizer
-
-
-# ----------------------------------------------------------------------------------------------- sampling
+# ----------------------------------------------------------------------------------------------- generation
 
 
 def batch_seed(seed: int, index: int) -> int:
@@ -282,50 +246,145 @@ def split_completion(ids: list[int], eos_ids: list[int], max_new_tokens: int) ->
     return ids[:stop], False
 
 
-def _sample_transformers(model, tokenizer, prompts, samples, *, temperature, top_p, max_new_tokens, seed,
-                         batch_size, eos_ids, progress) -> list[list[list[int]]]:
-    """``prompts``: token ids per problem (``conspo.prompts.prompt_ids``)."""
+def select_problems(problems: list[dict], limit: int | None) -> list[int]:
+    """The indices evaluated: all of them, or with ``limit`` M a sample of M drawn with ``LIMIT_SEED`` (the same M
+    problems for every checkpoint and every ``--seed``), in their order in the file."""
+    if not limit or limit >= len(problems):
+        return list(range(len(problems)))
+    return sorted(random.Random(LIMIT_SEED).sample(range(len(problems)), limit))
+
+
+def _finished_rows_counter(width: int, eos_ids: list[int], bar):
+    """A ``StoppingCriteria`` that never stops generation and moves ``bar`` by one per row as its first
+    end-of-sequence token appears (a row that runs to the budget is counted when the batch ends)."""
     import torch
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+    from transformers import StoppingCriteria
+
+    class FinishedRows(StoppingCriteria):
+        def __init__(self):
+            self.counted = 0
+            self.eos = None
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if self.eos is None:
+                self.eos = torch.tensor(eos_ids, device=input_ids.device)
+            finished = int(torch.isin(input_ids[:, width:], self.eos).any(dim=1).sum())
+            if finished > self.counted:
+                bar.update(finished - self.counted)
+                self.counted = finished
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return FinishedRows()
+
+
+def generate_batches(model, tokenizer, prompts, *, temperature: float, top_p: float, max_new_tokens: int,
+                     batch_size: int, seed: int = 0, start_batch: int = 0, bar=None):
+    """Yield ``(batch index, generated token ids per row)`` for ``prompts`` (token ids, ``conspo.prompts``) in
+    left-padded batches of ``batch_size`` from batch ``start_batch`` on, torch seeded before each batch from
+    ``(seed, batch index)``. Only the settings given here apply: the model's own generation config (a checkpoint's
+    repetition_penalty, min_p, top_k, ...) is blanked while generating and restored afterwards. ``temperature=0``
+    is greedy. ``bar``: a tqdm bar moved by one per finished row."""
+    import torch
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     from conspo.prompts import left_padded
 
     sampled = temperature > 0
+    eos_ids = _eos_ids(model, tokenizer)
     config = GenerationConfig(
         do_sample=sampled, temperature=temperature if sampled else None, top_k=0, top_p=top_p if sampled else 1.0,
         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
     )
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(samples)]
-    out: list[list[list[int]]] = [[] for _ in prompts]
     device = next(model.parameters()).device
-    # generate() fills every field left unset in ``config`` from the model's own generation config (a checkpoint's
-    # repetition_penalty, min_p, ...): a blank one stands in while sampling, so only ``config`` applies.
-    own = model.generation_config
+    own, was_training = model.generation_config, getattr(model, "training", False)
     model.generation_config = GenerationConfig()
+    if hasattr(model, "eval"):
+        model.eval()
     try:
-        with torch.no_grad(), tqdm(total=len(pairs), desc="conspo eval", unit="sample", disable=not progress) as bar:
-            for b, start in enumerate(range(0, len(pairs), batch_size)):
-                chunk = pairs[start:start + batch_size]
-                enc = left_padded([prompts[i] for i, _ in chunk], tokenizer.pad_token_id, device)
+        with torch.no_grad():
+            for b in range(start_batch, (len(prompts) + batch_size - 1) // batch_size):
+                chunk = prompts[b * batch_size:(b + 1) * batch_size]
+                enc = left_padded(chunk, tokenizer.pad_token_id, device)
+                width = enc["input_ids"].shape[1]
+                extra = {}
+                if bar is not None and not bar.disable:
+                    counter = _finished_rows_counter(width, eos_ids, bar)
+                    extra["stopping_criteria"] = StoppingCriteriaList([counter])
                 torch.manual_seed(batch_seed(seed, b))
-                generated = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
-                for (i, _), row in zip(chunk, generated.tolist()):
-                    out[i].append(row)
-                bar.update(len(chunk))
+                rows = model.generate(**enc, generation_config=config, **extra)[:, width:].tolist()
+                if bar is not None:
+                    bar.update(len(chunk) - (extra["stopping_criteria"][0].counted if extra else 0))
+                yield b, rows
     finally:
         model.generation_config = own
+        if hasattr(model, "train"):
+            model.train(was_training)
+
+
+def _progress(total: int, desc: str, unit: str, enabled: bool, initial: int = 0):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, leave=False,
+                dynamic_ncols=True)
+
+
+def greedy_completions(model, tokenizer, prompts, *, max_new_tokens: int = 8, batch_size: int = 512,
+                       progress: bool = False, desc: str = "greedy evaluation") -> list[str]:
+    """Greedy completions of ``prompts`` (prompt objects of ``conspo.prompts.render_prompt``), decoded up to the
+    first end-of-sequence token without special tokens."""
+    from conspo.prompts import prompt_ids
+
+    ids = prompt_ids(list(prompts), tokenizer)
+    eos_ids = _eos_ids(model, tokenizer)
+    out: list[str] = []
+    with _progress(len(ids), desc, "problem", progress) as bar:
+        for _, rows in generate_batches(model, tokenizer, ids, temperature=0.0, top_p=1.0,
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size, bar=bar):
+            out += [tokenizer.decode(split_completion(r, eos_ids, max_new_tokens)[0], skip_special_tokens=True)
+                    for r in rows]
     return out
 
 
-def _sample_vllm(llm, tokenizer, prompts, samples, *, temperature, top_p, max_new_tokens, seed, eos_ids):
-    """``prompts``: token ids per problem (``conspo.prompts.prompt_ids``), passed to vLLM as they are."""
+def greedy_accuracy(model, tokenizer, problems, verifier, *, instruction: str = "", template: str = "plain",
+                    max_new_tokens: int = 8, batch_size: int = 512, progress: bool = False,
+                    desc: str = "greedy evaluation") -> float:
+    """The fraction of ``problems`` (``{"question", "answer"}`` dicts) whose greedy completion is correct
+    (verifier score >= ``CORRECT_SCORE``), prompted as RL prompts them; NaN for no problems (the module
+    docstring's rules)."""
+    from conspo.prompts import problem_prompt
+
+    problems = list(problems)
+    if not problems:
+        return float("nan")
+    completions = greedy_completions(model, tokenizer, [problem_prompt(p, instruction, template, tokenizer)
+                                                        for p in problems],
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                                     desc=desc)
+    return sum(_verify(verifier, c, p["answer"])[0] >= CORRECT_SCORE
+               for c, p in zip(completions, problems)) / len(problems)
+
+
+def heldout_accuracy(model, tokenizer, task: Task, *, template: str = "plain", limit: int | None = 500,
+                     max_new_tokens: int | None = None, problems: list[dict] | None = None, batch_size: int = 256,
+                     progress: bool = False, desc: str = "held-out accuracy") -> float:
+    """:func:`greedy_accuracy` on the task's first ``limit`` held-out problems (or on ``problems``, a validation
+    split), completions up to ``max_new_tokens`` (default: the task's ``max_completion_length``); what
+    ``conspo train`` measures before, during and after training."""
+    if problems is None:
+        problems = task.test[:limit] if limit else task.test
+    return greedy_accuracy(model, tokenizer, problems, task.verifier, instruction=task.instruction,
+                           template=template, max_new_tokens=max_new_tokens or task.max_completion_length,
+                           batch_size=batch_size, progress=progress, desc=desc)
+
+
+def _sample_vllm(llm, prompts, indices, samples, *, temperature, top_p, max_new_tokens, seed, eos_ids):
+    """``prompts``: token ids per problem, passed to vLLM as they are; request ``i`` seeded from ``indices[i]``."""
     from vllm import SamplingParams
 
     requests = [{"prompt_token_ids": list(ids)} for ids in prompts]
     params = [SamplingParams(n=samples, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                              max_tokens=max_new_tokens, seed=batch_seed(seed, i), stop_token_ids=eos_ids)
-              for i in range(len(prompts))]
+              for i in indices]
     return [[list(o.token_ids) for o in result.outputs] for result in llm.generate(requests, params)]
 
 
@@ -339,15 +398,91 @@ def _verify(verifier, completion: str, answer: str) -> tuple[float, str | None, 
     return (score if math.isfinite(score) else 0.0), result.extracted, result.reason
 
 
+# ----------------------------------------------------------------------------------------------- sampled evaluation
+
+
+class SamplesFile:
+    """``eval_samples.jsonl`` written as samples finish, and resumed from (see the module docstring).
+
+    ``eval_progress.json`` beside it records the settings the samples were made with; a rerun with the same
+    settings keeps the complete batches already written (a torn last line or part batch is dropped) and
+    generates the rest; a rerun with other settings is refused naming them, before anything is generated."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path, self.settings = Path(path), _plain(settings)
+        self.state = self.path.with_name(PROGRESS_FILE)
+
+    def done(self) -> list[dict]:
+        """The records already there for these settings ([] for a new evaluation); raises EvalError on others."""
+        if not self.path.exists():
+            return []
+        saved = None
+        if self.state.is_file():
+            try:
+                saved = json.loads(self.state.read_text()).get("settings")
+            except (OSError, ValueError):
+                saved = None
+        if saved != self.settings:
+            if saved is None:
+                why = f"no {PROGRESS_FILE} records the settings it was made with"
+            else:
+                changed = [f"{k} {saved.get(k)!r} -> {self.settings.get(k)!r}"
+                           for k in sorted(set(saved) | set(self.settings)) if saved.get(k) != self.settings.get(k)]
+                why = "it was made with other settings: " + "; ".join(changed)
+            raise EvalError(f"{self.path} is not continued: {why}. Rerun with the same settings to continue it, "
+                            f"or give another --output-dir (or delete {self.path}) to start again")
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                break  # a line cut short by a kill: it and anything after are made again
+        return records
+
+    def start(self, kept: list[dict]) -> None:
+        from conspo.checkpoints import write_atomic
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.state, json.dumps({"settings": self.settings}, indent=2))
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def append(self, records: list[dict]) -> None:
+        with self.path.open("a") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in records))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def resume_settings(task: Task, *, samples: int, temperature: float, top_p: float, max_new_tokens: int | None,
+                    seed: int, limit: int | None, template: str, batch_size: int, identity: dict | None = None) -> dict:
+    """What a continued samples file must have been made with: every setting that decides the samples, the
+    evaluated problems (a hash) and ``identity`` (the model). Known before the model is loaded, so a mismatch is
+    refused first."""
+    problems = [task.test[i] for i in select_problems(task.test, limit)]
+    digest = hashlib.sha256(json.dumps([[p["question"], p["answer"]] for p in problems]).encode()).hexdigest()[:16]
+    return {"task": task.name, "samples": samples, "temperature": temperature, "top_p": top_p,
+            "max_new_tokens": max_new_tokens or task.max_completion_length, "seed": seed, "limit": limit,
+            "template": template, "instruction": task.instruction, "batch_size": batch_size, "problems": digest,
+            **(identity or {})}
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=str))
+
+
 def evaluate(model, tokenizer, task: Task, *, samples: int = 4, ks=(1,), temperature: float = 1.0,
              top_p: float = 1.0, max_new_tokens: int | None = None, seed: int = 0, limit: int | None = None,
              template: str = "plain", batch_size: int = 32, progress: bool = True,
-             protocol: str = "custom") -> tuple[list[dict], dict]:
-    """Sample ``samples`` completions for each of ``task.test[:limit]``, verify them, summarise.
+             protocol: str = "custom", samples_file: str | Path | None = None,
+             identity: dict | None = None) -> tuple[list[dict], dict]:
+    """Sample ``samples`` completions for each evaluated problem (:func:`select_problems`), verify, summarise.
 
     ``model`` is a transformers causal LM or a ``vllm.LLM``. Prompts: ``task.instruction`` and ``template``,
     rendered and tokenised by ``conspo.prompts`` as for RL. ``top_p`` in (0, 1]: nucleus sampling (1: off).
-    Returns ``(records, summary)``: one record per sample (``problem``, ``subset``, ``sample``, ``answer``,
+    ``samples_file``: write the records there as they finish and continue from it (:class:`SamplesFile`;
+    ``identity``, e.g. the model's name, joins the settings a continued file must match).
+    Returns ``(records, summary)``: one record per sample (``problem`` (its index in ``task.test``), ``subset``,
+    ``sample``, ``answer`` (the gold: a problem's ``reference`` when it has one, as reasoning-gym's do),
     ``completion``, ``extracted``, ``score``, ``correct``, ``reason``, ``length`` in tokens, ``truncated``) and
     ``metrics.summarize``'s dict with the sampling settings under ``"settings"`` and the protocol (``protocol``
     names it: temperature, top_p, samples, ks, max_new_tokens, instruction, template) under ``"protocol"``.
@@ -356,33 +491,68 @@ def evaluate(model, tokenizer, task: Task, *, samples: int = 4, ks=(1,), tempera
     check_settings(samples, ks, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                    temperature=temperature, top_p=top_p)
     max_new_tokens = max_new_tokens or task.max_completion_length
-    problems = task.test[:limit] if limit else task.test
+    indices = select_problems(task.test, limit)
+    problems = [task.test[i] for i in indices]
     prompts = prompt_ids([problem_prompt(p, task.instruction, template, tokenizer) for p in problems], tokenizer)
     eos_ids = _eos_ids(model, tokenizer)
-    options = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, eos_ids=eos_ids)
-    if type(model).__module__.startswith("vllm"):
-        generated = _sample_vllm(model, tokenizer, prompts, samples, **options)
+    vllm = type(model).__module__.startswith("vllm")
+    if vllm:
         device = dtype = "vllm"
     else:
         weight = next(model.parameters())
         device, dtype = str(weight.device), str(weight.dtype).removeprefix("torch.")
-        generated = _sample_transformers(model, tokenizer, prompts, samples, batch_size=batch_size,
-                                         progress=progress, **options)
-    records = []
-    for i, (problem, rows) in enumerate(zip(problems, generated)):
-        for j, row in enumerate(rows):
-            ids, truncated = split_completion(row, eos_ids, max_new_tokens)
-            completion = tokenizer.decode(ids, skip_special_tokens=True)
-            score, extracted, reason = _verify(task.verifier, completion, problem["answer"])
-            records.append({"problem": i, "subset": problem.get("subset"), "sample": j, "answer": problem["answer"],
-                            "completion": completion, "extracted": extracted, "score": score,
-                            "correct": score >= CORRECT_SCORE, "reason": reason, "length": len(ids),
-                            "truncated": truncated})
+    settings = {"task": task.name, "samples": samples, "temperature": temperature, "top_p": top_p,
+                "max_new_tokens": max_new_tokens, "seed": seed, "limit": limit, "template": template,
+                "instruction": task.instruction, "batch_size": batch_size, "device": device, "dtype": dtype}
+    writer = None
+    records: list[dict] = []
+    if samples_file is not None:
+        writer = SamplesFile(samples_file, resume_settings(task, samples=samples, temperature=temperature,
+                                                           top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                                                           limit=limit, template=template, batch_size=batch_size,
+                                                           identity=identity))
+        records = writer.done()
+    # Whole units only: a batch of (problem, sample) pairs for transformers, a problem's samples for vLLM.
+    unit = samples if vllm else batch_size
+    records = records[:len(records) // unit * unit] if len(records) < len(problems) * samples else records
+    if writer is not None:
+        writer.start(records)
+        if records:
+            print(f"[conspo] continuing {writer.path}: {len(records)} of {len(problems) * samples} samples there",
+                  file=sys.stderr)
+
+    def record(position: int, j: int, row: list[int]) -> dict:
+        problem = problems[position]
+        ids, truncated = split_completion(row, eos_ids, max_new_tokens)
+        completion = tokenizer.decode(ids, skip_special_tokens=True)
+        score, extracted, reason = _verify(task.verifier, completion, problem["answer"])
+        return {"problem": indices[position], "subset": problem.get("subset"), "sample": j,
+                "answer": problem.get("reference", problem["answer"]), "completion": completion,
+                "extracted": extracted, "score": score, "correct": score >= CORRECT_SCORE, "reason": reason,
+                "length": len(ids), "truncated": truncated}
+
+    def keep(new: list[dict]) -> None:
+        records.extend(new)
+        if writer is not None:
+            writer.append(new)
+
+    options = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    if vllm:
+        step = 16  # problems per request batch: written as each batch finishes
+        for first in range(len(records) // samples, len(problems), step):
+            chunk = range(first, min(first + step, len(problems)))
+            generated = _sample_vllm(model, [prompts[i] for i in chunk], [indices[i] for i in chunk], samples,
+                                     eos_ids=eos_ids, **options)
+            keep([record(i, j, row) for i, rows in zip(chunk, generated) for j, row in enumerate(rows)])
+    else:
+        pairs = [(i, j) for i in range(len(problems)) for j in range(samples)]
+        with _progress(len(pairs), "conspo eval", "sample", progress, initial=len(records)) as bar:
+            start = len(records) // batch_size if len(records) < len(pairs) else len(pairs)  # (finished: none left)
+            for b, rows in generate_batches(model, tokenizer, [prompts[i] for i, _ in pairs], batch_size=batch_size,
+                                            start_batch=start, bar=bar, **options):
+                keep([record(i, j, row) for (i, j), row in zip(pairs[b * batch_size:], rows)])
     summary = summarize(records, ks)
-    summary["settings"] = {"task": task.name, "samples": samples, "temperature": temperature, "top_p": top_p,
-                           "max_new_tokens": max_new_tokens, "seed": seed, "limit": limit, "template": template,
-                           "instruction": task.instruction, "batch_size": batch_size, "device": device,
-                           "dtype": dtype}
+    summary["settings"] = settings
     summary["protocol"] = {"name": protocol, "temperature": temperature, "top_p": top_p, "samples": samples,
                            "ks": ks, "max_new_tokens": max_new_tokens, "instruction": task.instruction,
                            "template": template}
@@ -446,35 +616,38 @@ def eval_command(ns) -> int:
              "instruction": getattr(ns, "instruction", None), "max_new_tokens": getattr(ns, "max_new_tokens", None)}
     name = getattr(ns, "protocol", None) or "default"
     batch_size = getattr(ns, "batch_size", 32)
+    label = ns.dataset or ns.task or DEFAULT_TASK
+    out = Path(ns.output_dir or f"runs/eval/{_slug(ns.model + '-' + (gguf_file or ''))}/{_slug(label)}-seed{ns.seed}")
     try:
         protocol = resolve_protocol(name, **given)  # every explicit setting checked before anything is loaded
         check_settings(protocol["samples"], protocol["ks"], limit=ns.limit, batch_size=batch_size)
-        _check_model_path(ns.model, gguf_file)
+        check_model(ns.model, gguf_file)
         task = load_task(ns.task, ns.dataset, question_field=ns.question_field, answer_field=ns.answer_field,
                          subset_field=ns.subset_field)
         protocol = resolve_protocol(name, task, **given)
         if protocol["instruction"] != task.instruction:
             task = dataclasses.replace(task, instruction=protocol["instruction"])
         backend = choose_backend(getattr(ns, "backend", "auto"), gguf_file)
+        identity = {"model": ns.model, "gguf_file": gguf_file, "backend": backend}
+        template = ns.template or "plain"
+        SamplesFile(out / SAMPLES_FILE, resume_settings(  # refused here, before the model loads, when it cannot go on
+            task, samples=protocol["samples"], temperature=protocol["temperature"], top_p=protocol["top_p"],
+            max_new_tokens=protocol["max_new_tokens"], seed=ns.seed, limit=ns.limit, template=template,
+            batch_size=batch_size, identity=identity)).done()
         print(f"[conspo] loading {ns.model}" + (f" ({gguf_file})" if gguf_file else "") + f" for {backend}",
               file=sys.stderr)
         model, tokenizer = load_model(ns.model, gguf_file, backend=backend, seed=ns.seed)
         records, summary = evaluate(model, tokenizer, task, samples=protocol["samples"], ks=protocol["ks"],
                                     temperature=protocol["temperature"], top_p=protocol["top_p"],
                                     max_new_tokens=protocol["max_new_tokens"], seed=ns.seed, limit=ns.limit,
-                                    template=ns.template or "plain", batch_size=batch_size, protocol=name)
+                                    template=template, batch_size=batch_size, protocol=name,
+                                    samples_file=out / SAMPLES_FILE, identity=identity)
     except ValueError as error:  # EvalError, DatasetError, get_task's unknown-task error, template errors
         print(f"conspo eval: error: {error}", file=sys.stderr)
         return 2
     summary["protocol"]["overrides"] = protocol["overrides"]
     summary["settings"].update(model=ns.model, gguf_file=gguf_file, backend=backend,
                                wall_seconds=round(time.time() - started, 1))
-    label = ns.dataset or ns.task or DEFAULT_TASK
-    out = Path(ns.output_dir or f"runs/eval/{_slug(ns.model + '-' + (gguf_file or ''))}/{_slug(label)}-seed{ns.seed}")
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / SAMPLES_FILE).open("w") as fh:
-        for record in records:
-            fh.write(json.dumps(record) + "\n")
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     table = render_markdown(summary)
     (out / TABLE_FILE).write_text(table)

@@ -48,11 +48,11 @@ from conspo.checkpoints import (
     whole_run_loss,
     write_atomic,
 )
+from conspo.presets import DEFAULT_TASK
 from conspo.stopping import EXIT_CODES, GracefulStop, Interrupted, StopNow, resume_command, stop_callback
 
 logger = logging.getLogger("conspo.run")
 
-DEFAULT_TASK = "arithmetic"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -207,22 +207,15 @@ def resolve_task(task: str | None, dataset: str | None, *, seed: int, question_f
     return get_task(task or DEFAULT_TASK)
 
 
-def check_model(model: str | None) -> None:
-    if model is None:
-        return
-    path = Path(model).expanduser()
-    looks_local = model.startswith((".", "/", "~")) or path.exists() or model.count("/") > 1
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        try:
-            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            base = None
-        raise RunError(f"--model {model} is a LoRA adapter, not a model (adapter_config.json, no config.json); "
-                       f"merge it into its base model {base or '(named in adapter_config.json)'} first "
-                       f"(peft: PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(dir)) "
-                       f"and pass that directory, or pass the base model with --lora to train new adapters")
-    if looks_local and not (path / "config.json").is_file():
-        raise RunError(f"--model {model}: not a model directory (no config.json there)")
+def check_model(model: str | None, gguf_file: str | None = None) -> None:
+    """:func:`conspo.loading.check_model`, its error as a :class:`RunError`."""
+    from conspo.loading import LoadError
+    from conspo.loading import check_model as check
+
+    try:
+        check(model, gguf_file)
+    except LoadError as err:
+        raise RunError(str(err)) from None
 
 
 def _sha256(path: Path) -> str:
@@ -274,6 +267,7 @@ class RunPlan:
     val: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     warm_task: Any = None  # the task before the validation split: the embedded model's warm start is made on it
+    gguf_file: str | None = None  # with model: the GGUF file in it (conspo.loading)
 
     @property
     def config_hash(self) -> str:
@@ -313,6 +307,7 @@ def plan_run(
     eval_limit: int | None = 500,
     eval_every: int | None = None,
     val_size: int = 0,
+    gguf_file: str | None = None,
     **overrides: Any,
 ) -> RunPlan:
     """Resolve and check every setting of a run; writes nothing and loads no model.
@@ -348,7 +343,7 @@ def plan_run(
     if job["max_steps"] is not None and (not isinstance(job["max_steps"], int) or job["max_steps"] < 1):
         raise RunError(f"max_steps must be an integer >= 1, got {job['max_steps']!r}")
 
-    check_model(model)
+    check_model(model, gguf_file)
     from conspo.tasks.datasets import DatasetError
 
     try:
@@ -373,9 +368,9 @@ def plan_run(
 
     on_gpu = torch.cuda.is_available()
     if model is None:
-        from conspo.tasks import tiny_model
+        from conspo.presets import DEFAULT_RL
 
-        defaults = dict(tiny_model.DEFAULT_RL)
+        defaults = dict(DEFAULT_RL)
     else:
         defaults = dict(PRETRAINED_DEFAULTS)
     preset = PRESETS[method]
@@ -446,6 +441,7 @@ def plan_run(
         "template": template,
         "model": "embedded-tiny" if model is None else (str(inputs["--model"].resolve()) if "--model" in inputs
                                                         else model),
+        **({"gguf_file": gguf_file} if gguf_file else {}),  # (absent otherwise: older runs keep their hash)
         "lora_r": lora_r if lora else None,
         "seed": seed,
         "max_steps": args.max_steps,
@@ -456,7 +452,8 @@ def plan_run(
     }
     return RunPlan(method=method, task=task_obj, task_label=task_label, template=template, model=model, seed=seed,
                    output_dir=out, args=args, settings=record, inputs=inputs, lora=lora, lora_r=lora_r,
-                   eval_limit=eval_limit, eval_every=every, val=val, notes=notes, warm_task=warm_task)
+                   eval_limit=eval_limit, eval_every=every, val=val, notes=notes, warm_task=warm_task,
+                   gguf_file=gguf_file)
 
 
 # ----------------------------------------------------------------------------------------------- the output dir
@@ -642,34 +639,6 @@ def prepare_output_dir(plan: RunPlan, action: str) -> None:
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-def heldout_accuracy(model, tokenizer, task, *, template: str = "plain", limit: int | None = 500,
-                     batch_size: int = 256, problems: list[dict] | None = None) -> float:
-    """Mean verifier score of greedy completions on the task's held-out problems (or on ``problems``, the
-    validation split), given the prompt ids RL gives the model (``conspo.prompts``: the same rendering and
-    tokenisation as TRL's)."""
-    import torch
-
-    from conspo.prompts import left_padded, problem_prompt, prompt_ids
-
-    if problems is None:
-        problems = task.test[:limit] if limit else task.test
-    if not problems:
-        return float("nan")
-    ids = prompt_ids([problem_prompt(p, task.instruction, template, tokenizer) for p in problems], tokenizer)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    completions: list[str] = []
-    with torch.no_grad():
-        for i in range(0, len(ids), batch_size):
-            enc = left_padded(ids[i : i + batch_size], tokenizer.pad_token_id, device)
-            out = model.generate(**enc, do_sample=False, max_new_tokens=task.max_completion_length,
-                                 pad_token_id=tokenizer.pad_token_id)
-            completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    model.train(was_training)
-    return sum(task.verifier(c, p["answer"]).score for c, p in zip(completions, problems)) / len(problems)
-
-
 class BestCheckpoint:
     """The checkpoint with the best validation accuracy so far, in ``<output_dir>/best/`` (a model directory
     ``AutoModelForCausalLM.from_pretrained`` loads, with ``best.json``: its step and validation accuracy).
@@ -793,6 +762,7 @@ def train(
     eval_limit: int | None = 500,
     eval_every: int | None = None,
     val_size: int = 0,
+    gguf_file: str | None = None,
     strict_rewards: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -808,7 +778,8 @@ def train(
     plan = plan_run(method=method, task=task, dataset=dataset, question_field=question_field,
                     answer_field=answer_field, template=template, model=model, config=config, output_dir=output_dir,
                     seed=seed, max_steps=max_steps, report_to=report_to, lora=lora, lora_r=lora_r,
-                    eval_limit=eval_limit, eval_every=eval_every, val_size=val_size, **overrides)
+                    eval_limit=eval_limit, eval_every=eval_every, val_size=val_size, gguf_file=gguf_file,
+                    **overrides)
     action = check_output_dir(plan, resume=resume, overwrite=overwrite)
     made = [p for p in (plan.output_dir, *plan.output_dir.parents) if not p.exists()]  # deepest first
     lock = RunLock(plan.output_dir)
@@ -849,24 +820,16 @@ def _run(plan: RunPlan, action: str, *, resume: bool, strict_rewards: bool) -> d
     from conspo.trainer import ConSPOTrainer
 
     started = time.time()
+    from conspo import evaluation, loading
+
     if model is None:
-        from conspo.tasks import tiny_model
-
         print(f"[conspo] warm start of the embedded tiny model on {task_obj.name} (cached after the first run)")
-        model_path = tiny_model.warm_start(plan.warm_task, seed=0)  # (the whole train split: its cache key)
-        policy, tokenizer = tiny_model.load_tiny(model_path)
+        policy, tokenizer = loading.load_embedded(plan.warm_task, seed=0)  # (the whole train split: its cache key)
     else:
-        from transformers import AutoModelForCausalLM
-
-        from conspo.evaluation import EvalError, load_tokenizer
-
         try:
-            tokenizer = load_tokenizer(model)  # keeps conspo's character tokenizers intact (environment notes)
-            policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-        except (EvalError, OSError, ValueError) as err:
+            policy, tokenizer = loading.load_model(model, plan.gguf_file, for_training=True)
+        except (OSError, ValueError) as err:
             raise RunError(f"--model {model}: cannot be loaded: {' '.join(str(err).split())}") from err
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
     if not args.use_cpu and torch.cuda.is_available():
         policy = policy.to("cuda")
     prepare_output_dir(plan, action)
@@ -882,11 +845,17 @@ def _run(plan: RunPlan, action: str, *, resume: bool, strict_rewards: bool) -> d
             for p in task_obj.train]
     train_set = Dataset.from_list(rows)
 
+    # Greedy, up to the run's completion budget (not the task's), with a progress bar on the main process.
+    shown = int(os.environ.get("RANK", "0")) == 0
+
     def evaluate(m) -> float:
-        return heldout_accuracy(m, tokenizer, task_obj, template=template, limit=plan.eval_limit)
+        return evaluation.heldout_accuracy(m, tokenizer, task_obj, template=template, limit=plan.eval_limit,
+                                           max_new_tokens=args.max_completion_length, progress=shown)
 
     def evaluate_val(m) -> float:
-        return heldout_accuracy(m, tokenizer, task_obj, template=template, problems=plan.val)
+        return evaluation.heldout_accuracy(m, tokenizer, task_obj, template=template, problems=plan.val,
+                                           max_new_tokens=args.max_completion_length, progress=shown,
+                                           desc="validation accuracy")
 
     peft_config = None
     if lora:
@@ -1010,7 +979,7 @@ def _run(plan: RunPlan, action: str, *, resume: bool, strict_rewards: bool) -> d
 # conspo train's options that are not config fields, with the train() argument each becomes.
 SCRIPT_OPTIONS = ("method", "task", "dataset", "question_field", "answer_field", "template", "model", "config",
                   "output_dir", "seed", "max_steps", "resume", "overwrite", "report_to", "lora", "lora_r",
-                  "eval_limit", "eval_every", "val_size")
+                  "eval_limit", "eval_every", "val_size", "gguf_file")
 
 
 def split_namespace(ns, explicit: set[str], own: tuple[str, ...] = ()) -> tuple[dict, dict]:
