@@ -13,7 +13,7 @@ benchmarks load through here, so a checkpoint loads the same way whatever reads 
 - :func:`load_model`: a transformers causal LM in float32. A GGUF file is unpacked into a plain dense model
   (``GgufConfig(dequantize=True)``) and its quantizer state cleared, so ``save_pretrained`` writes it as any
   other model (transformers refuses to save a model that still carries the GGUF quantizer). ``for_training``:
-  left on the CPU in train mode for the trainer to place; else in eval mode, on the GPU when there is one
+  left on the CPU for the trainer to place (and put in train mode); else in eval mode, on the GPU when there is one
   (bfloat16 where supported).
 - :func:`load_embedded`: the embedded tiny model warm-started on a task (:mod:`conspo.embedded`, cached).
 

@@ -1,8 +1,10 @@
 """The one place a problem becomes a prompt: the prompt object TRL gets, and the exact ids a model sees.
 
-Every path goes through here: the embedded model's supervised warm start (``tasks.tiny_model``), the RL dataset
-handed to TRL (``run.train``), held-out evaluation (``run.heldout_accuracy``, ``tiny_model.greedy_accuracy``) and
-``conspo eval`` (``evaluation.evaluate``, both backends). Before this module each rendered prompts its own way,
+Every path goes through here: the embedded model's supervised warm start (``conspo.embedded``), the RL dataset
+handed to TRL (``run.train``), greedy evaluation (``evaluation.greedy_accuracy``: held-out checks during training and
+the warm start's stopping rule) and sampled evaluation (``evaluation.evaluate``: ``conspo eval``, ``conspo
+compare``, both backends). ``tasks.datasets.format_prompt`` is a name for :func:`render_prompt`, not a second
+renderer. Before this module each rendered prompts its own way,
 and the warm start saw ``question + instruction`` while RL and evaluation saw ``question + "\\n" + instruction``
 (issue 13, item 5).
 
