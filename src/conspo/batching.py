@@ -2,7 +2,8 @@
 
 One job: the row bookkeeping behind ``ConSPOTrainer``'s exact group-coupled gradients (docs/objectives.md,
 section 9), written as functions of a batch dict so that each is tested alone (tests/test_batching.py). Nothing
-here talks to processes or models; the trainer gathers the counts over processes and runs the forward passes.
+here talks to processes or models (``trl_split`` is TRL's own split, imported when called); the trainer gathers
+the counts over processes and runs the forward passes.
 
 A *batch* is TRL's dict of one generation batch on one process: per-row values are tensors whose first dimension
 is the number of rows ``B`` (or lists of length ``B``), anything else (a scalar token count) is shared. TRL's
@@ -32,7 +33,7 @@ from torch import Tensor
 Batch = dict[str, Any]
 
 __all__ = [
-    "loss_mask", "take_rows", "slice_rows", "shuffle_order", "split_steps", "chunk_counts", "step_totals",
+    "loss_mask", "take_rows", "slice_rows", "trl_split", "shuffle_order", "split_steps", "chunk_counts", "step_totals",
     "mixed_groups", "mixed_rows", "Selection", "collect_mixed_groups", "concat_groups", "pick_unused", "draw_prompts",
 ]
 
@@ -68,6 +69,13 @@ def take_rows(batch: Batch, order: Tensor, n: int) -> Batch:
 def slice_rows(batch: Batch, start: int, stop: int, n: int) -> Batch:
     """Rows ``start:stop`` of every per-row value (first dimension ``n``); other values as they are."""
     return {key: value[start:stop] if _per_row(value, n) else value for key, value in batch.items()}
+
+
+def trl_split(batch: dict[str, Any], steps: int) -> list[dict[str, Any]]:
+    """TRL's own shuffle and split of a generation batch (GRPOTrainer._prepare_inputs), for TRL's losses."""
+    from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
+
+    return split_tensor_dict(shuffle_sequence_dict(batch), steps)
 
 
 def shuffle_order(group_ids: Tensor, g: int, *, by_groups: bool, generator: torch.Generator | None = None) -> Tensor:

@@ -4,13 +4,15 @@ One job: say which settings a run of ``ConSPOTrainer`` accepts. Every field is v
 an error that names it and the accepted values, a field the chosen ``objective`` never reads is refused
 (``_refuse_without_effect``), and the TRL numbers the objectives depend on are range-checked before TRL's own checks.
 ``check_trl_internals`` refuses a TRL release outside the tested range, or one whose overridden methods changed
-shape, before the trainer is built. The trainer itself lives in ``conspo.trainer`` (which re-exports the config).
+shape, before the trainer is built; ``keep_vllm_cpu_weights_plain`` readies colocated vLLM on a CPU for TRL's
+weight sync (the one environment fix the trainer needs before TRL builds its engine). The trainer itself lives in ``conspo.trainer`` (which re-exports the config).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,6 +283,18 @@ class ConSPOConfig(GRPOConfig):
                 f"optimizer step per generation batch (steps_per_generation = gradient_accumulation_steps)."
             )
 
+    def stale_rollouts_warning(self) -> str | None:
+        """What to warn about when a group-coupled objective without a trust region trains several optimizer steps
+        on one generation batch (the later steps train on an older policy's rollouts, uncorrected); else None."""
+        drift = self.steps_per_generation > self.gradient_accumulation_steps or self.num_iterations > 1
+        if self.objective not in GROUP_COUPLED or not drift or self.trust_region:
+            return None
+        why = ("num_iterations > 1" if self.num_iterations > 1 else
+               f"{self.steps_per_generation // self.gradient_accumulation_steps} optimizer steps per generation batch")
+        return (f"objective={self.objective!r} without a trust region and {why}: the optimizer steps after the first of "
+                "each generation batch train on rollouts of an older policy with no correction (the ConSPO paper "
+                "mentions no constraint). Set trust_region=True for DisCO's KL penalty.")
+
     def margin(self, step: int, total_steps: int) -> float:
         """The margin at optimizer step ``step`` of ``total_steps`` (docs/objectives.md, section 5)."""
         return obj.margin_at(step, max(1, total_steps), schedule=self.margin_schedule, m0=self.margin_start,
@@ -355,3 +369,19 @@ def check_trl_internals() -> None:
             )
     if getattr(GRPOTrainer, "loss_is_scaled_for_ga", None) is not True:
         raise RuntimeError("GRPOTrainer.loss_is_scaled_for_ga is no longer True; conspo's loss scaling relies on it")
+
+
+def keep_vllm_cpu_weights_plain() -> None:
+    """Colocated vLLM on a CPU (the ``vllm-cpu`` build): keep the linear weights plain.
+
+    vLLM's CPU backend repacks linear weights for oneDNN and drops the Parameters that TRL's weight sync writes to
+    (``'Parameter' object has no attribute 'weight_loader'`` at the first sync). Turning the packing off before the
+    engine is built keeps them, and the sync then reaches vLLM (tests/test_vllm.py). A no-op without vLLM."""
+    try:
+        from vllm import _custom_ops
+    except ImportError:
+        return
+    if getattr(_custom_ops, "_supports_onednn", False):
+        _custom_ops._supports_onednn = False
+        logging.getLogger("conspo.trainer").warning("colocated vLLM on CPU: oneDNN weight packing turned off so that TRL's weight sync can load "
+                       "the trainer's weights into vLLM")

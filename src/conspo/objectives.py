@@ -13,6 +13,9 @@ ConSPO is Zhang et al., arXiv 2605.12969 (v3): the loss is its Eq. 8/13, the cre
 curriculum its section 4.3; defaults are the paper's (tau = 10, cosine margin to 0.01 over the first 30% of
 training). ``docs/objectives.md`` maps each equation to the function here and the test that checks it. DisCO is
 Li et al., arXiv 2505.12366.
+
+Why this file is long: one function per objective (ConSPO, DisCO, GMPO, GRPO's credit, the trust region, the
+margin), each with its equation and its checks; splitting them would scatter the contract docs/objectives.md maps.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ The GRPO-family baselines run TRL's own loss (``objective="trl"``); this class o
 diagnostics (score gap, separation AUC) so every method can be plotted alike, and is bit-identical to
 ``GRPOTrainer`` for them unless dynamic sampling or dropping is asked for. The config and the TRL-version guard
 are ``conspo.config`` (``ConSPOConfig`` is re-exported here).
+
+Why this file is long: it is the whole TRL adapter, one subclass whose overrides share the trainer's state.
 """
 
 from __future__ import annotations
@@ -33,14 +35,12 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
-from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
 from trl import GRPOTrainer
 
-from conspo import batching
+from conspo import auto_tau, batching
 from conspo import fast_generation as fastgen
 from conspo import objectives as obj
-from conspo.config import GROUP_COUPLED, ConSPOConfig, check_trl_internals
+from conspo.config import GROUP_COUPLED, ConSPOConfig, check_trl_internals, keep_vllm_cpu_weights_plain
 
 logger = logging.getLogger("conspo.trainer")
 
@@ -56,7 +56,7 @@ class ConSPOTrainer(GRPOTrainer):
         if not isinstance(config, ConSPOConfig):
             raise TypeError(f"ConSPOTrainer needs args=ConSPOConfig(...), got {type(config).__name__}")
         if config.use_vllm and config.vllm_mode == "colocate" and not torch.cuda.is_available():
-            _plain_vllm_cpu_weights()
+            keep_vllm_cpu_weights_plain()
         super().__init__(*args, **kwargs)
         self.fast_generation = fastgen.setup(self, config.fast_generation, config.fast_generation_compile)
         if config.correctness_reward is not None and config.correctness_reward not in self.reward_func_names:
@@ -68,16 +68,11 @@ class ConSPOTrainer(GRPOTrainer):
         self._completion_ids_list: list | None = None
         self._step_rows: list[dict[str, torch.Tensor]] = []
         self._generation_step = 0  # the optimizer step at which the buffered generation batch was generated
-        self._auto_tau = _AutoTau()
+        self._auto_tau = auto_tau._AutoTau()
         self.add_callback(self._auto_tau)
-        drift = config.steps_per_generation > config.gradient_accumulation_steps or config.num_iterations > 1
-        if config.objective in GROUP_COUPLED and drift and not config.trust_region:
-            logger.warning(
-                "objective=%r without a trust region and %s: the optimizer steps after the first of each generation "
-                "batch train on rollouts of an older policy with no correction (the ConSPO paper mentions no "
-                "constraint). Set trust_region=True for DisCO's KL penalty.", config.objective,
-                "num_iterations > 1" if config.num_iterations > 1 else
-                f"{config.steps_per_generation // config.gradient_accumulation_steps} optimizer steps per generation batch")
+        stale = config.stale_rollouts_warning()
+        if stale:
+            logger.warning(stale)
 
     def train(self, *args: Any, **kwargs: Any):
         # A new run (or a resumed one) restarts global_step and may load other weights: the bf16 generator must
@@ -163,7 +158,7 @@ class ConSPOTrainer(GRPOTrainer):
             elif args.drop_degenerate_groups:  # own objectives: rows of degenerate groups leave every count
                 batch["conspo_keep"] = batch["conspo_keep"] & batching.mixed_rows(batch, self.num_generations)
             if args.objective == "trl":
-                self._buffered_inputs = _trl_split(batch, steps)
+                self._buffered_inputs = batching.trl_split(batch, steps)
                 return self._buffered_inputs[self._step % steps]
             self._buffered_inputs = self._split_generation_batch(batch)
             self._generation_step = self.state.global_step  # one generation batch, one margin
@@ -199,27 +194,18 @@ class ConSPOTrainer(GRPOTrainer):
         return {k: self.accelerator.gather(v) for k, v in local.items()}
 
     def _resolve_auto_tau(self, rows: dict[str, torch.Tensor]) -> None:
-        """tau='auto': the median within-group score sd of the first optimizer step that holds a mixed group, times
-        tau_auto_factor, clamped to the accepted range; fixed for the rest of the run (and across a resume)."""
-        keep = rows["keep"]
-        metrics = obj.separation_metrics(rows["scores"][keep], rows["correct"][keep], rows["group_ids"][keep])
-        if float(metrics["valid_frac"]) == 0:
-            return  # no mixed group: this step's loss is zero whatever tau is; try again at the next step
-        spread = float(metrics["score_sd"]) * self.args.tau_auto_factor
-        tau = min(max(spread, obj.TAU_MIN), obj.TAU_MAX)
-        self._auto_tau.tau = tau
-        if self.accelerator.is_main_process:
-            logger.warning("tau='auto': tau = %.6g (median within-group score sd %.6g x tau_auto_factor %g%s), fixed "
-                           "for the rest of the run", tau, float(metrics["score_sd"]), self.args.tau_auto_factor,
-                           "" if tau == spread else f", clamped to [{obj.TAU_MIN:g}, {obj.TAU_MAX:g}]")
+        """tau='auto': measured on this optimizer step if it holds a mixed group (conspo.auto_tau), then fixed."""
+        found = auto_tau.calibrate(rows, self.args.tau_auto_factor)
+        if found is not None:
+            self._auto_tau.tau = found.tau
+            if self.accelerator.is_main_process:
+                logger.warning(found.note)
 
     def _auto_tau_pending(self) -> bool:
         """tau='auto' and not chosen yet (a resumed run first takes the value chosen before the interruption)."""
         if self.args.tau != "auto" or self._auto_tau.tau is not None:
             return False
-        stored = self.state.stateful_callbacks.get(_AutoTau.__name__)
-        if isinstance(stored, dict) and stored.get("attributes", {}).get("tau") is not None:
-            self._auto_tau.tau = float(stored["attributes"]["tau"])
+        self._auto_tau.restore(self.state.stateful_callbacks)
         return self._auto_tau.tau is None
 
     def _tau(self) -> float:
@@ -506,37 +492,3 @@ class ConSPOTrainer(GRPOTrainer):
                 "%d optimizer steps in a row without a group holding both a correct and an incorrect rollout "
                 "(conspo/valid_frac = 0, mean correctness %.3f): %s. The loss and gradient are zero on these steps; "
                 "training continues.", self._steps_without_signal, reward, why)
-
-
-class _AutoTau(TrainerCallback, ExportableState):
-    """Carries the temperature chosen by ``tau='auto'`` in every checkpoint's trainer_state.json, so that a resumed
-    run goes on with the same tau instead of measuring a new one."""
-
-    def __init__(self, tau: float | None = None) -> None:
-        self.tau = tau
-
-    def state(self) -> dict:
-        return {"args": {}, "attributes": {"tau": self.tau}}
-
-
-def _trl_split(batch: dict[str, Any], steps: int) -> list[dict[str, Any]]:
-    """TRL's own shuffle and split of a generation batch (GRPOTrainer._prepare_inputs), for TRL's losses."""
-    from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
-
-    return split_tensor_dict(shuffle_sequence_dict(batch), steps)
-
-
-def _plain_vllm_cpu_weights() -> None:
-    """Colocated vLLM on a CPU (the ``vllm-cpu`` build): keep the linear weights plain.
-
-    vLLM's CPU backend repacks linear weights for oneDNN and drops the Parameters that TRL's weight sync writes to
-    (``'Parameter' object has no attribute 'weight_loader'`` at the first sync). Turning the packing off before the
-    engine is built keeps them, and the sync then reaches vLLM (tests/test_vllm.py). A no-op without vLLM."""
-    try:
-        from vllm import _custom_ops
-    except ImportError:
-        return
-    if getattr(_custom_ops, "_supports_onednn", False):
-        _custom_ops._supports_onednn = False
-        logger.warning("colocated vLLM on CPU: oneDNN weight packing turned off so that TRL's weight sync can load "
-                       "the trainer's weights into vLLM")

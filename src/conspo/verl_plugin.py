@@ -47,6 +47,8 @@ at every optimizer step, ppo_epochs > 1 included. Documented departures (docs/ve
   rollouts has a token still counts among them);
 * with the trust region on, the hinge ``beta * [KL - delta]_+`` uses each micro-batch's own KL estimate,
   each weighted by its share of the mini-batch's tokens; with one micro-batch per rank it is exact.
+
+Why this file is long: it is the whole verl adapter, everything that must import verl in one place.
 """
 
 from __future__ import annotations
