@@ -307,7 +307,10 @@ def _key_before_conspo_prompts(task, spec, config, seed):
         problems.update(b"\n")
     blob = json.dumps({"version": "tiny-v3", "task": task.name, "instruction": task.instruction,
                        "max_completion_length": task.max_completion_length, "train": problems.hexdigest(),
-                       "model": dataclasses.asdict(spec), "warm_start": dataclasses.asdict(config), "seed": seed},
+                       "model": dataclasses.asdict(spec),
+                       # (WarmStartConfig had no max_seconds then; None leaves it out of the key)
+                       "warm_start": {k: v for k, v in dataclasses.asdict(config).items() if k != "max_seconds"},
+                       "seed": seed},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -365,3 +368,25 @@ def test_greedy_decoding_ignores_the_checkpoints_generation_config(tokenizer):
     assert greedy_completions(model, tokenizer, prompts, max_new_tokens=6) == plain
     assert direct != plain[:1]  # (the settings do change what generate() gives when they are applied)
     assert model.generation_config is own and own.repetition_penalty == 5.0
+
+
+def test_a_time_boxed_warm_start_stops_at_the_first_evaluation_past_the_box(tokenizer, task):
+    model = build_model(tokenizer, TINY_SPEC, seed=0)
+    config = WarmStartConfig(max_steps=50, batch_size=4, val_size=8, eval_every=20, warmup_steps=1,
+                             max_seconds=1e-9, stop_at=1.0)
+    summary = embedded.supervised_train(model, tokenizer, task, config)
+    assert summary["steps"] == 1 and len(summary["history"]) == 1  # evaluated once, at the box, then stopped
+    with pytest.raises(ValueError, match="max_seconds must be a number of seconds > 0"):
+        WarmStartConfig(max_seconds=0)
+    # The box enters the cache key only when set: every key made before the field existed is unchanged.
+    assert cache_key(task, TINY_SPEC, TINY_CONFIG, 0) != cache_key(
+        task, TINY_SPEC, dataclasses.replace(TINY_CONFIG, max_seconds=5.0), 0)
+
+
+def test_named_scales_are_valid_shapes():
+    from conspo.embedded import SCALES
+
+    assert SCALES["tiny"] == TinyModelSpec() and set(SCALES) == {"tiny", "base", "large", "smoke"}
+    params = {name: sum(p.numel() for p in build_model(build_tokenizer(), spec).parameters()) / 1e6
+              for name, spec in SCALES.items() if name != "large"}
+    assert params["smoke"] < params["tiny"] < 1 < 30 < params["base"] < 40

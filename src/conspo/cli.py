@@ -60,6 +60,14 @@ def _add_source_options(p) -> None:
                    help="dataset field holding the question")
     p.add_argument("--answer-field", "--answer_field", dest="answer_field", default=None,
                    help="dataset field holding the answer or solution")
+    p.add_argument("--difficulty", default=None,
+                   help="arithmetic tasks: OPERANDSxDIGITS:OPERATORS, e.g. 3x2:+- (default: the task's own)")
+    p.add_argument("--embedded-scale", "--embedded_scale", dest="embedded_scale", default=None,
+                   choices=("tiny", "base", "large", "smoke"),
+                   help="without --model: the embedded model's shape (tiny: the default 0.54M; base ~34M and large "
+                        "~113M are for a GPU; smoke: a few seconds on CPU)")
+    p.add_argument("--warm-start-seconds", "--warm_start_seconds", dest="warm_start_seconds", type=float,
+                   default=None, help="without --model: a time box for the embedded model's supervised warm start")
     p.add_argument("--template", choices=("plain", "chat"), default=None, help="prompt template (default: plain)")
     p.add_argument("--config", default=None,
                    help="YAML file of ConSPOConfig / GRPOConfig fields (TRL style); flags given explicitly win over it")

@@ -79,9 +79,11 @@ def sampled_eval(run_dir: Path, summary: dict, train_options: dict, *, samples: 
     from conspo.loading import load_model
     from conspo.run import resolve_task
 
+    options = {**(train_options.get("task_options") or {}),
+               **({"difficulty": train_options["difficulty"]} if train_options.get("difficulty") else {})}
     task = resolve_task(train_options.get("task"), train_options.get("dataset"), seed=summary["seed"],
                         question_field=train_options.get("question_field"),
-                        answer_field=train_options.get("answer_field"))
+                        answer_field=train_options.get("answer_field"), options=options)
     model, tokenizer = load_model(summary["final_checkpoint"])
     _, result = evaluate(model, tokenizer, task, samples=samples, ks=ks, temperature=temperature,
                          seed=summary["seed"], limit=limit, template=train_options.get("template") or "plain",

@@ -166,6 +166,8 @@ class WarmStartConfig:
     stop_at:      stop once validation greedy accuracy reaches this; leaves RL headroom. 1.0 never stops early.
     teacher_slip: fraction of the training problems with an odd answer whose supervised target is the next
                   integer (see the module docstring); 0 trains on the true answers only.
+    max_seconds:  a time box: stop at the first validation evaluation after this many seconds (None: no box).
+                  A time-boxed warm start depends on the machine's speed; its cache key records the box.
     """
 
     max_steps: int = 2000
@@ -177,6 +179,7 @@ class WarmStartConfig:
     eval_every: int = 25
     stop_at: float = 0.4
     teacher_slip: float = 0.6
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "val_size", "eval_every"):
@@ -190,6 +193,19 @@ class WarmStartConfig:
             raise ValueError(f"WarmStartConfig.stop_at must be in (0, 1], got {self.stop_at}")
         if not 0.0 <= self.teacher_slip <= 1.0:
             raise ValueError(f"WarmStartConfig.teacher_slip must be in [0, 1], got {self.teacher_slip}")
+        if self.max_seconds is not None and not (isinstance(self.max_seconds, (int, float)) and self.max_seconds > 0):
+            raise ValueError(f"WarmStartConfig.max_seconds must be a number of seconds > 0 or None, got "
+                             f"{self.max_seconds!r}")
+
+
+SCALES: dict[str, TinyModelSpec] = {
+    "tiny": TinyModelSpec(),  # the embedded default, 0.54M parameters (2 CPU cores: minutes)
+    "base": TinyModelSpec(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=2048),  # ~34M
+    "large": TinyModelSpec(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                           intermediate_size=3072),  # ~113M
+    "smoke": TinyModelSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+}
+"""Named model shapes of the embedded model (``--embedded-scale``); ``base`` and ``large`` are for a GPU."""
 
 
 def default_cache_dir() -> Path:
@@ -205,6 +221,14 @@ _OLD_PROMPT_SHAPE = "<question>{instruction}"
 def warm_start_prompt_shape(instruction: str) -> str:
     """The warm start's prompt with a placeholder question (what :func:`cache_key` records of the prompt)."""
     return prompt_content("<question>", instruction)
+
+
+def _config_fields(config: WarmStartConfig) -> dict:
+    """``asdict(config)`` without ``max_seconds`` when it is None (keys made before the field existed stay valid)."""
+    fields = asdict(config)
+    if fields["max_seconds"] is None:
+        del fields["max_seconds"]
+    return fields
 
 
 def cache_key(task: Task, spec: TinyModelSpec, config: WarmStartConfig, seed: int) -> str:
@@ -229,7 +253,7 @@ def cache_key(task: Task, spec: TinyModelSpec, config: WarmStartConfig, seed: in
         "max_completion_length": task.max_completion_length,
         "train": problems.hexdigest(),
         "model": asdict(spec),
-        "warm_start": asdict(config),
+        "warm_start": _config_fields(config),
         "seed": seed,
     }
     shape = warm_start_prompt_shape(task.instruction)
@@ -319,12 +343,14 @@ def supervised_train(
         idx = torch.randint(len(train), (config.batch_size,), generator=gen)
         batch_ids, batch_labels = ids[idx], labels[idx]
         width = int((batch_ids != tokenizer.pad_token_id).sum(1).max())  # drop all-padding columns
-        loss = _completion_loss(model, batch_ids[:, :width], batch_labels[:, :width])
+        device = next(model.parameters()).device
+        loss = _completion_loss(model, batch_ids[:, :width].to(device), batch_labels[:, :width].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        if step % config.eval_every == 0 or step == config.max_steps:
+        out_of_time = config.max_seconds is not None and time.perf_counter() - start >= config.max_seconds
+        if step % config.eval_every == 0 or step == config.max_steps or out_of_time:
             val_acc = evaluation.greedy_accuracy(
                 model, tokenizer, val, task.verifier, instruction=task.instruction,
                 max_new_tokens=task.max_completion_length,
@@ -333,7 +359,7 @@ def supervised_train(
             history.append((step, round(loss.item(), 4), val_acc))
             if log is not None:
                 log(f"warm start step {step}: loss {loss.item():.3f}, validation greedy accuracy {val_acc:.3f}")
-            if val_acc >= config.stop_at:
+            if val_acc >= config.stop_at or out_of_time:
                 break
     model.eval()
     return {
@@ -376,10 +402,12 @@ def warm_start(
     try:
         tokenizer = build_tokenizer()
         model = build_model(tokenizer, spec, seed=seed)
+        if torch.cuda.is_available():  # (a larger --embedded-scale trains in minutes on a GPU, hours on a CPU)
+            model = model.to("cuda")
         summary = supervised_train(model, tokenizer, task, config, seed=seed, log=log)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"key": key, "version": CACHE_VERSION, "seed": seed, "model": asdict(spec), "warm_start": asdict(config)}
+        meta = {"key": key, "version": CACHE_VERSION, "seed": seed, "model": asdict(spec), "warm_start": _config_fields(config)}
         (tmp / "warm_start.json").write_text(json.dumps({**meta, **summary}, indent=2))
         if final.exists():  # force=True, or another process finished first: replace it
             shutil.rmtree(final, ignore_errors=True)

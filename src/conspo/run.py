@@ -197,14 +197,38 @@ def load_yaml_config(path: str | Path | None) -> dict[str, Any]:
     return check_fields(data, f"--config {path}")
 
 
-def resolve_task(task: str | None, dataset: str | None, *, seed: int, question_field=None, answer_field=None):
+def resolve_task(task: str | None, dataset: str | None, *, seed: int, question_field=None, answer_field=None,
+                 options: dict | None = None):
+    """The task of a run; ``options`` go to a built-in task's factory (``difficulty``, ``n_train``, ``n_test``)."""
     from conspo.tasks.registry import get_task
 
     if dataset is not None:
         if not Path(dataset).is_file():
             raise RunError(f"--dataset {dataset}: no such file (accepted: .jsonl, .json, .parquet)")
         return get_task(dataset, question_field=question_field, answer_field=answer_field, seed=seed)
-    return get_task(task or DEFAULT_TASK)
+    return get_task(task or DEFAULT_TASK, **(options or {}))
+
+
+def embedded_settings(model: str | None, scale: str | None, warm_start: dict | None,
+                      warm_start_seconds: float | None) -> dict:
+    """The embedded model's shape and warm start when they differ from the default (``{}``: the default):
+    ``{"scale": name, "warm_start": {WarmStartConfig fields}}``, checked; refused with ``--model``."""
+    given = {k: v for k, v in (("scale", scale), ("warm_start", warm_start)) if v}
+    if warm_start_seconds is not None:
+        given["warm_start"] = {**given.get("warm_start", {}), "max_seconds": warm_start_seconds}
+    if not given:
+        return {}
+    if model is not None:
+        raise RunError("--embedded-scale / --warm-start-seconds set up the embedded model; with --model there is none")
+    from conspo.embedded import SCALES, WarmStartConfig
+
+    if "scale" in given and given["scale"] not in SCALES:
+        raise RunError(f"--embedded-scale must be one of {list(SCALES)}, got {given['scale']!r}")
+    try:
+        WarmStartConfig(**given.get("warm_start", {}))
+    except (TypeError, ValueError) as err:
+        raise RunError(f"warm start: {err}") from None
+    return given
 
 
 def check_model(model: str | None, gguf_file: str | None = None) -> None:
@@ -268,6 +292,7 @@ class RunPlan:
     notes: list = field(default_factory=list)
     warm_task: Any = None  # the task before the validation split: the embedded model's warm start is made on it
     gguf_file: str | None = None  # with model: the GGUF file in it (conspo.loading)
+    embedded: dict = field(default_factory=dict)  # without model: the embedded model's scale and warm start
 
     @property
     def config_hash(self) -> str:
@@ -308,6 +333,11 @@ def plan_run(
     eval_every: int | None = None,
     val_size: int = 0,
     gguf_file: str | None = None,
+    difficulty: str | None = None,
+    task_options: dict | None = None,
+    embedded_scale: str | None = None,
+    warm_start: dict | None = None,
+    warm_start_seconds: float | None = None,
     **overrides: Any,
 ) -> RunPlan:
     """Resolve and check every setting of a run; writes nothing and loads no model.
@@ -344,10 +374,15 @@ def plan_run(
         raise RunError(f"max_steps must be an integer >= 1, got {job['max_steps']!r}")
 
     check_model(model, gguf_file)
+    embedded = embedded_settings(model, embedded_scale, warm_start, warm_start_seconds)
+    task_options = {**(task_options or {}), **({"difficulty": difficulty} if difficulty else {})}
+    if task_options and dataset is not None:
+        raise RunError("--difficulty and task options apply to a built-in task (--task), not to --dataset")
     from conspo.tasks.datasets import DatasetError
 
     try:
-        task_obj = resolve_task(task, dataset, seed=seed, question_field=question_field, answer_field=answer_field)
+        task_obj = resolve_task(task, dataset, seed=seed, question_field=question_field, answer_field=answer_field,
+                                options=task_options)
     except (RunError, DatasetError):
         raise
     except ValueError as err:  # get_task: an unknown task, a bad option
@@ -439,9 +474,11 @@ def plan_run(
         "question_field": question_field,
         "answer_field": answer_field,
         "template": template,
-        "model": "embedded-tiny" if model is None else (str(inputs["--model"].resolve()) if "--model" in inputs
-                                                        else model),
+        "model": (f"embedded-{embedded.get('scale', 'tiny')}" if model is None
+                  else str(inputs["--model"].resolve()) if "--model" in inputs else model),
         **({"gguf_file": gguf_file} if gguf_file else {}),  # (absent otherwise: older runs keep their hash)
+        **({"task_options": task_options} if task_options else {}),
+        **({"embedded": embedded} if embedded else {}),
         "lora_r": lora_r if lora else None,
         "seed": seed,
         "max_steps": args.max_steps,
@@ -453,7 +490,7 @@ def plan_run(
     return RunPlan(method=method, task=task_obj, task_label=task_label, template=template, model=model, seed=seed,
                    output_dir=out, args=args, settings=record, inputs=inputs, lora=lora, lora_r=lora_r,
                    eval_limit=eval_limit, eval_every=every, val=val, notes=notes, warm_task=warm_task,
-                   gguf_file=gguf_file)
+                   gguf_file=gguf_file, embedded=embedded)
 
 
 # ----------------------------------------------------------------------------------------------- the output dir
@@ -763,6 +800,11 @@ def train(
     eval_every: int | None = None,
     val_size: int = 0,
     gguf_file: str | None = None,
+    difficulty: str | None = None,
+    task_options: dict | None = None,
+    embedded_scale: str | None = None,
+    warm_start: dict | None = None,
+    warm_start_seconds: float | None = None,
     strict_rewards: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -779,7 +821,8 @@ def train(
                     answer_field=answer_field, template=template, model=model, config=config, output_dir=output_dir,
                     seed=seed, max_steps=max_steps, report_to=report_to, lora=lora, lora_r=lora_r,
                     eval_limit=eval_limit, eval_every=eval_every, val_size=val_size, gguf_file=gguf_file,
-                    **overrides)
+                    difficulty=difficulty, task_options=task_options, embedded_scale=embedded_scale,
+                    warm_start=warm_start, warm_start_seconds=warm_start_seconds, **overrides)
     action = check_output_dir(plan, resume=resume, overwrite=overwrite)
     made = [p for p in (plan.output_dir, *plan.output_dir.parents) if not p.exists()]  # deepest first
     lock = RunLock(plan.output_dir)
@@ -824,7 +867,13 @@ def _run(plan: RunPlan, action: str, *, resume: bool, strict_rewards: bool) -> d
 
     if model is None:
         print(f"[conspo] warm start of the embedded tiny model on {task_obj.name} (cached after the first run)")
-        policy, tokenizer = loading.load_embedded(plan.warm_task, seed=0)  # (the whole train split: its cache key)
+        from conspo.embedded import SCALES, WarmStartConfig
+
+        shape = {"spec": SCALES[plan.embedded["scale"]]} if "scale" in plan.embedded else {}
+        if "warm_start" in plan.embedded:
+            shape["config"] = WarmStartConfig(**plan.embedded["warm_start"])
+        # (the whole train split: its cache key)
+        policy, tokenizer = loading.load_embedded(plan.warm_task, seed=0, **shape)
     else:
         try:
             policy, tokenizer = loading.load_model(model, plan.gguf_file, for_training=True)
@@ -979,7 +1028,8 @@ def _run(plan: RunPlan, action: str, *, resume: bool, strict_rewards: bool) -> d
 # conspo train's options that are not config fields, with the train() argument each becomes.
 SCRIPT_OPTIONS = ("method", "task", "dataset", "question_field", "answer_field", "template", "model", "config",
                   "output_dir", "seed", "max_steps", "resume", "overwrite", "report_to", "lora", "lora_r",
-                  "eval_limit", "eval_every", "val_size", "gguf_file")
+                  "eval_limit", "eval_every", "val_size", "gguf_file", "difficulty", "embedded_scale",
+                  "warm_start_seconds")
 
 
 def split_namespace(ns, explicit: set[str], own: tuple[str, ...] = ()) -> tuple[dict, dict]:

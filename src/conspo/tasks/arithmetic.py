@@ -97,13 +97,25 @@ DEFAULT_N_TRAIN = 12_000
 DEFAULT_N_TEST = 1_000
 
 
-def resolve_spec(difficulty: int | ArithmeticSpec) -> ArithmeticSpec:
-    """A named level (``DIFFICULTIES``) or an explicit :class:`ArithmeticSpec`."""
+def resolve_spec(difficulty: int | str | ArithmeticSpec) -> ArithmeticSpec:
+    """A named level (``DIFFICULTIES``), an explicit :class:`ArithmeticSpec`, or its text
+    ``"OPERANDSxDIGITS:OPERATORS"`` (``"3x2:+-"``: three 2-digit operands, ``+`` and ``-``)."""
     if isinstance(difficulty, ArithmeticSpec):
         return difficulty
     if isinstance(difficulty, int) and not isinstance(difficulty, bool) and difficulty in DIFFICULTIES:
         return DIFFICULTIES[difficulty]
-    raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)} or an ArithmeticSpec, got {difficulty!r}")
+    if isinstance(difficulty, str):
+        try:
+            shape, operators = difficulty.split(":", 1)
+            n_operands, digits = (int(x) for x in shape.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"difficulty {difficulty!r}: expected OPERANDSxDIGITS:OPERATORS, e.g. 3x2:+-*") from None
+        try:
+            return ArithmeticSpec(n_operands=n_operands, digits=digits, operators=operators)
+        except ValueError as err:
+            raise ValueError(f"difficulty {difficulty!r}: {err}") from None
+    raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}, OPERANDSxDIGITS:OPERATORS (e.g. 3x2:+-) or "
+                     f"an ArithmeticSpec, got {difficulty!r}")
 
 
 def evaluate(operands: tuple[int, ...], ops: tuple[str, ...]) -> int:
@@ -282,7 +294,7 @@ def make_worked_task(
 
 def make_task(
     *,
-    difficulty: int | ArithmeticSpec = DEFAULT_DIFFICULTY,
+    difficulty: int | str | ArithmeticSpec = DEFAULT_DIFFICULTY,
     n_train: int | None = None,
     n_test: int | None = None,
     seed: int = 0,
@@ -326,7 +338,7 @@ def make_task(
         overlong_after=max_completion_length - 1,
         metadata={
             "spec": asdict(spec),
-            "difficulty": difficulty if isinstance(difficulty, int) else None,
+            "difficulty": difficulty if isinstance(difficulty, (int, str)) else None,
             "seed": seed,
             "n_train": n_train,
             "n_test": n_test,
