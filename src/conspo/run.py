@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conspo import ranks
 from conspo.checkpoints import (
     SaveError,
     align_save_steps,
@@ -48,7 +49,10 @@ from conspo.checkpoints import (
     whole_run_loss,
     write_atomic,
 )
+from conspo.console import console_callback, quiet_internal_warnings
+from conspo.console import install as install_console
 from conspo.presets import DEFAULT_TASK
+from conspo.ranks import say
 from conspo.stopping import EXIT_CODES, GracefulStop, Interrupted, StopNow, resume_command, stop_callback
 
 logger = logging.getLogger("conspo.run")
@@ -68,14 +72,20 @@ REWARD_TIMEOUT_S = 10.0
 PRETRAINED_DEFAULTS = dict(
     learning_rate=1e-6, num_generations=8, per_device_train_batch_size=8, temperature=0.6, max_steps=100,
 )
+PRETRAINED_LORA_LEARNING_RATE = 1e-5
+"""The learning rate of a pretrained model trained with ``--lora`` (adapters start at zero and need a larger one)."""
+SHOWN_PRETRAINED = ("learning_rate", "temperature", "max_steps", "num_generations", "per_device_train_batch_size",
+                    "max_completion_length", "save_steps")
+"""The settings of a pretrained-model run said at its start, with where each came from."""
 
 # Settings conspo gives every run unless the YAML or the command line says otherwise (with these, computed per run:
-# max_completion_length from the task, save_steps = max_steps // 4, use_cpu and bf16 from the hardware).
+# max_completion_length from the task, save_steps from max_steps (default_save_steps), use_cpu and bf16 from the
+# hardware).
 FIXED_DEFAULTS = dict(logging_steps=1, save_strategy="steps", save_total_limit=2, report_to="none",
                       disable_tqdm=False, dump_batch_step=1)
 COMPUTED_DEFAULTS = {
     "max_completion_length": "the task's completion budget",
-    "save_steps": "max_steps // 4, rounded up to whole generation batches",
+    "save_steps": "max_steps // 10, at least 10 and at most max_steps, rounded up to whole generation batches",
     "use_cpu": "true without a GPU",
     "bf16": "true on a GPU that supports it",
 }
@@ -106,6 +116,24 @@ VAL_SPLIT_SEED = 0
 of a comparison is chosen on the same validation problems."""
 SELECTION_RULE = ("checkpoint chosen on a validation split of {n} train problems, never on the test problems; "
                   "the ConSPO paper picked checkpoints on its test benchmarks")
+
+
+SAVE_STEPS_FLOOR = 10
+
+
+def default_save_steps(max_steps: int) -> int:
+    """Optimizer steps between checkpoints when nothing says otherwise: about ten checkpoints a run, never more
+    often than every :data:`SAVE_STEPS_FLOOR` steps (a full fine-tuning checkpoint of a 1B model is several GB),
+    and at least one, at the end (a Ctrl-C or SIGTERM saves one where it stops, whatever this says)."""
+    return max(1, min(max_steps, max(SAVE_STEPS_FLOOR, max_steps // 10)))
+
+
+def _warm_start_val_size() -> int:
+    try:
+        from conspo.embedded import WarmStartConfig
+    except ImportError:  # (before the embedded model had its own module)
+        from conspo.tasks.tiny_model import WarmStartConfig
+    return WarmStartConfig().val_size
 
 
 def signal_name(signum: int) -> str:
@@ -374,6 +402,13 @@ def plan_run(
         raise RunError(f"max_steps must be an integer >= 1, got {job['max_steps']!r}")
 
     check_model(model, gguf_file)
+    if gguf_file is None:
+        from conspo.hub import HubError, check_hub_model
+
+        try:
+            check_hub_model(model)  # a hub id that cannot be fetched: one line now, not a traceback after 25-71 s
+        except HubError as err:
+            raise RunError(str(err)) from None
     embedded = embedded_settings(model, embedded_scale, warm_start, warm_start_seconds)
     task_options = {**(task_options or {}), **({"difficulty": difficulty} if difficulty else {})}
     if task_options and dataset is not None:
@@ -408,6 +443,8 @@ def plan_run(
         defaults = dict(DEFAULT_RL)
     else:
         defaults = dict(PRETRAINED_DEFAULTS)
+        if lora:
+            defaults["learning_rate"] = PRETRAINED_LORA_LEARNING_RATE
     preset = PRESETS[method]
     settings: dict[str, Any] = {k: v for k, v in defaults.items() if k not in preset}  # the preset wins over these
     settings.update(FIXED_DEFAULTS)
@@ -421,7 +458,7 @@ def plan_run(
     settings.update({k: v for k, v in job.items() if v is not None})
     settings["seed"] = seed
     settings["output_dir"] = str(out)
-    settings.setdefault("save_steps", max(1, settings["max_steps"] // 4))
+    settings.setdefault("save_steps", default_save_steps(settings["max_steps"]))
 
     def source(name: str) -> str:
         if name in given or job.get(name) is not None and name not in yaml_fields:
@@ -455,6 +492,10 @@ def plan_run(
     if note:
         notes.append(note)
     every = eval_every if eval_every is not None else max(1, args.max_steps // 6)
+    if model is not None:
+        shown = ", ".join(f"{name} {getattr(args, name)} ({source(name)})" for name in SHOWN_PRETRAINED)
+        notes.append(f"settings for a pretrained model: {shown}; LoRA "
+                     f"{f'r={lora_r}' if lora else 'off (full fine-tuning; --lora trains adapters)'}")
 
     inputs: dict[str, Path] = {}
     if dataset is not None:
@@ -744,7 +785,8 @@ class BestCheckpoint:
 # ----------------------------------------------------------------------------------------------- callbacks
 
 
-def _callbacks(metrics_path: Path, evaluate, eval_every: int, best: BestCheckpoint | None = None, stop=None):
+def _callbacks(metrics_path: Path, evaluate, eval_every: int, best: BestCheckpoint | None = None, stop=None,
+               console=None):
     from transformers import TrainerCallback
 
     class MetricsFile(TrainerCallback):
@@ -764,13 +806,15 @@ def _callbacks(metrics_path: Path, evaluate, eval_every: int, best: BestCheckpoi
         split, its accuracy too, which alone decides the best checkpoint."""
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if eval_every and state.global_step % eval_every == 0 and state.global_step < state.max_steps:
+            if (eval_every and state.global_step % eval_every == 0 and state.global_step < state.max_steps
+                    and state.is_world_process_zero):  # the others go on to the next step's collectives and wait
                 record = {"step": state.global_step, "eval/heldout_accuracy": evaluate(model)}
+                if console is not None:
+                    console.heldout = record["eval/heldout_accuracy"]
                 if best is not None:
                     record["eval/val_accuracy"] = best.observe(model, state.global_step)
-                if state.is_world_process_zero:
-                    with metrics_path.open("a") as fh:
-                        fh.write(json.dumps(record) + "\n")
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
 
     return [MetricsFile(), HeldOut()]
 
@@ -823,23 +867,35 @@ def train(
                     eval_limit=eval_limit, eval_every=eval_every, val_size=val_size, gguf_file=gguf_file,
                     difficulty=difficulty, task_options=task_options, embedded_scale=embedded_scale,
                     warm_start=warm_start, warm_start_seconds=warm_start_seconds, **overrides)
-    action = check_output_dir(plan, resume=resume, overwrite=overwrite)
+    main = ranks.is_main()
     made = [p for p in (plan.output_dir, *plan.output_dir.parents) if not p.exists()]  # deepest first
     lock = RunLock(plan.output_dir)
-    if action != "finished":
-        lock.acquire()  # one writer per output directory, for the run's lifetime
+    locked = False
     try:
-        if action != "finished":  # decided again under the lock: another process may have written meanwhile
-            action = check_output_dir(plan, resume=resume, overwrite=overwrite)
+        decision: str | RunError = "follow"
+        if main:  # under torchrun / accelerate the main process decides and holds the lock; the others follow
+            try:
+                decision = check_output_dir(plan, resume=resume, overwrite=overwrite)
+                if decision != "finished":
+                    lock.acquire()  # one writer per output directory, for the run's lifetime
+                    locked = True
+                    # decided again under the lock: another process may have written meanwhile
+                    decision = check_output_dir(plan, resume=resume, overwrite=overwrite)
+            except RunError as err:
+                decision = err
+        decision = ranks.from_main(decision)
+        if isinstance(decision, RunError):
+            raise decision
+        action = decision
         if action == "finished":
             summary = json.loads((plan.output_dir / SUMMARY_FILE).read_text())
-            print(f"[conspo] --resume: {plan.output_dir} holds this run, finished ({summary.get('steps')} of "
-                  f"{plan.max_steps} steps; {SUMMARY_FILE}); nothing to train, nothing rewritten")
+            say(f"--resume: {plan.output_dir} holds this run, finished ({summary.get('steps')} of "
+                f"{plan.max_steps} steps; {SUMMARY_FILE}); nothing to train, nothing rewritten")
             return summary
         return _run(plan, action, resume=resume, strict_rewards=strict_rewards)
     finally:
         lock.release()
-        if made and not _entries(plan.output_dir):  # failed before writing anything: leave no directory either
+        if locked and made and not _entries(plan.output_dir):  # failed before writing anything: leave no directory either
             (plan.output_dir / LOCK_FILE).unlink(missing_ok=True)
             for path in made:
                 try:
@@ -860,30 +916,50 @@ def _run(plan: RunPlan, action: str, *, resume: bool, strict_rewards: bool) -> d
     from conspo.presets import preset_reward_funcs
     from conspo.prompts import problem_prompt
     from conspo.rewards import make_reward_func
+    from conspo.tasks.datasets import question_report
     from conspo.trainer import ConSPOTrainer
 
     started = time.time()
     from conspo import evaluation, loading
 
+    main = ranks.is_main()
     if model is None:
-        print(f"[conspo] warm start of the embedded tiny model on {task_obj.name} (cached after the first run)")
+        held_back = getattr(plan, "embedded", {}).get("warm_start", {}).get("val_size", _warm_start_val_size())
+        if len(plan.warm_task.train) <= held_back:
+            raise RunError(f"{plan.task_label}: {len(plan.warm_task.train)} train problems, but the embedded tiny "
+                           f"model's warm start holds {held_back} of them back to decide when to stop, so it needs "
+                           f"more than {held_back}: give a larger file, or pass --model <a pretrained model> (no warm "
+                           f"start)")
+        say(f"warm start of the embedded tiny model on {task_obj.name} (cached after the first run)")
+        if not main:
+            ranks.barrier()  # the main process trains (or finds) the cached warm start first
         from conspo.embedded import SCALES, WarmStartConfig
 
         shape = {"spec": SCALES[plan.embedded["scale"]]} if "scale" in plan.embedded else {}
         if "warm_start" in plan.embedded:
             shape["config"] = WarmStartConfig(**plan.embedded["warm_start"])
         # (the whole train split: its cache key)
-        policy, tokenizer = loading.load_embedded(plan.warm_task, seed=0, **shape)
+        policy, tokenizer = loading.load_embedded(plan.warm_task, seed=0, log=say, **shape)
+        if main:
+            ranks.barrier()
     else:
         try:
             policy, tokenizer = loading.load_model(model, plan.gguf_file, for_training=True)
         except (OSError, ValueError) as err:
             raise RunError(f"--model {model}: cannot be loaded: {' '.join(str(err).split())}") from err
-    if not args.use_cpu and torch.cuda.is_available():
-        policy = policy.to("cuda")
-    prepare_output_dir(plan, action)
+    # (left where it was loaded: the trainer, through accelerate, places it on each process's device)
+    if "--dataset" in plan.inputs and main:
+        for line in question_report([*task_obj.train, *task_obj.test], tokenizer,
+                                    max_positions=getattr(policy.config, "max_position_embeddings", None),
+                                    completion_length=args.max_completion_length, source=plan.task_label,
+                                    render=lambda q: problem_prompt({"question": q}, task_obj.instruction, "plain",
+                                                                    tokenizer)):
+            say(f"warning: {line}")
+    if main:
+        prepare_output_dir(plan, action)
+    ranks.barrier()  # the others wait for run.json and the directory
     for note in plan.notes:
-        print(f"[conspo] {note}")
+        say(note)
 
     verifier = make_reward_func(task_obj.verifier, name="correct", strict=strict_rewards, timeout_s=REWARD_TIMEOUT_S)
     reward_funcs = [verifier, *preset_reward_funcs(method, args, overlong_after=task_obj.overlong_after)]
@@ -915,32 +991,42 @@ def _run(plan: RunPlan, action: str, *, resume: bool, strict_rewards: bool) -> d
     metrics_path = output_dir / METRICS_FILE
     # The newest *complete* checkpoint (a crash may cut a save short); metrics.jsonl is cut back to it.
     checkpoint = None
-    if resume:
-        checkpoint = prepare_resume(output_dir, metrics_path, expect_optimizer=not args.save_only_model)
+    if resume:  # the main process picks (and cleans up); every process loads the one it picked
+        checkpoint = prepare_resume(output_dir, metrics_path, expect_optimizer=not args.save_only_model) if main \
+            else None
+        checkpoint = ranks.from_main(checkpoint)
     if resume and checkpoint is None:
-        print(f"[conspo] --resume: no checkpoint in {output_dir} yet, starting from the beginning")
+        say(f"--resume: no checkpoint in {output_dir} yet, starting from the beginning")
     elif checkpoint is not None:
-        print(f"[conspo] --resume: continuing from {checkpoint} (of {args.max_steps} steps)")
+        say(f"--resume: continuing from {checkpoint} (of {args.max_steps} steps)")
+
+    stop = GracefulStop(main=main)
+    console = console_callback(num_generations=args.num_generations, main=main)
     best = None
     if plan.val:
-        best = BestCheckpoint(output_dir, evaluate_val, tokenizer, main=int(os.environ.get("RANK", "0")) == 0)
+        best = BestCheckpoint(output_dir, evaluate_val, tokenizer, main=main)
         best.restore(None if checkpoint is None else checkpoint_step(checkpoint))
-    before = evaluate(policy)
-    if checkpoint is None:
-        record = {"step": 0, "eval/heldout_accuracy": before}
-        if best is not None:
-            record["eval/val_accuracy"] = best.observe(policy, 0)
-        with metrics_path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-    print(f"[conspo] held-out accuracy before training: {before:.1%} ({len(task_obj.test[:plan.eval_limit])} "
-          f"problems)")
-
-    stop = GracefulStop(main=int(os.environ.get("RANK", "0")) == 0)
-    callbacks = _callbacks(metrics_path, evaluate, plan.eval_every, best, stop)
+    callbacks = _callbacks(metrics_path, evaluate, plan.eval_every, best, stop, console)
     trainer = ConSPOTrainer(model=policy, reward_funcs=reward_funcs, args=args, train_dataset=train_set,
                             processing_class=tokenizer, peft_config=peft_config,
                             callbacks=[*callbacks, stop_callback(stop, generation_period(args))])
     guard_checkpoint_saves(trainer)  # disk full while saving: a clear error, the previous checkpoint intact
+    install_console(trainer, console)  # one progress bar; TRL's per-step dict stays in metrics.jsonl
+    if args.log_completions and args.report_to in ([], ["none"], "none", None) \
+            and args.log_completions_hub_repo is None:
+        trainer.log_completions = False  # conspo prints them as lines; TRL's table has no other reader here
+    policy = trainer.model  # placed by the trainer (accelerate) on this process's device
+    before = None
+    if main:  # held-out evaluations run on the main process; the others wait for it in the next collective
+        before = evaluate(policy)
+        console.heldout = before
+        if checkpoint is None:
+            record = {"step": 0, "eval/heldout_accuracy": before}
+            if best is not None:
+                record["eval/val_accuracy"] = best.observe(policy, 0)
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        say(f"held-out accuracy before training: {before:.1%} ({len(task_obj.test[:plan.eval_limit])} problems)")
     if checkpoint is not None and checkpoint_step(checkpoint) >= args.max_steps:
         restore_finished(trainer, checkpoint)  # killed after the last step: transformers would take one more
     else:
@@ -955,11 +1041,14 @@ def _run(plan: RunPlan, action: str, *, resume: bool, strict_rewards: bool) -> d
     trained = trainer.model
     if lora:
         trained = trained.merge_and_unload()
+    if not main:  # the main process evaluates and writes final/, the plots and summary.json
+        ranks.barrier()
+        return json.loads((output_dir / SUMMARY_FILE).read_text())
     after = evaluate(trained)
     final_record = {"step": trainer.state.global_step, "eval/heldout_accuracy": after}
     if best is not None:
         final_record["eval/val_accuracy"] = best.observe(trained, trainer.state.global_step)
-    if trainer.is_world_process_zero():
+    if main:
         if checkpoint is not None:  # killed after the final evaluation: its record is there once already
             drop_evaluation_records(metrics_path, trainer.state.global_step)
         with metrics_path.open("a") as fh:
@@ -998,6 +1087,7 @@ def _run(plan: RunPlan, action: str, *, resume: bool, strict_rewards: bool) -> d
         "config_hash": plan.config_hash,
         "max_steps": args.max_steps,
         "rollouts_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "world_size": args.world_size,
         "num_generations": args.num_generations,
         "max_completion_length": args.max_completion_length,
         "heldout_before": before,
@@ -1012,12 +1102,13 @@ def _run(plan: RunPlan, action: str, *, resume: bool, strict_rewards: bool) -> d
     if selection is not None:
         summary["selection"] = selection
     write_atomic(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))  # marks the run finished
-    print(f"[conspo] metrics: {metrics_path}\n[conspo] curves:  {curves}\n[conspo] model:   {final_dir} "
-          f"(AutoModelForCausalLM.from_pretrained)")
-    print(f"[conspo] {method} on {task_obj.name}: held-out accuracy {before:.1%} -> {after:.1%} "
-          f"({(after - before) * 100:+.1f} points) in {summary['steps']} steps, {summary['wall_seconds']:.0f} s")
+    ranks.barrier()  # the others return now
+    say(f"metrics: {metrics_path}\n[conspo] curves:  {curves}\n[conspo] model:   {final_dir} "
+        f"(AutoModelForCausalLM.from_pretrained)")
+    say(f"{method} on {task_obj.name}: held-out accuracy {before:.1%} -> {after:.1%} "
+        f"({(after - before) * 100:+.1f} points) in {summary['steps']} steps, {summary['wall_seconds']:.0f} s")
     if selection is not None:
-        print(f"[conspo] best checkpoint: step {selection['best_step']} (validation {selection['val_accuracy']:.1%}), "
+        say(f"best checkpoint: step {selection['best_step']} (validation {selection['val_accuracy']:.1%}), "
               f"held-out accuracy {selection['heldout_accuracy']:.1%}, in {output_dir / BEST_DIR}; "
               f"{selection['rule']}")
     return summary
@@ -1068,7 +1159,11 @@ def train_command(ns) -> int:
     from conspo.tasks.datasets import DatasetError
 
     COMMAND_ARGV = getattr(ns, "_argv", None)
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = ranks.is_main()
+    quiet_internal_warnings(getattr(ns, "_explicit", set()))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" at each checkpoint
     script, config_fields = split_namespace(ns, getattr(ns, "_explicit", set()))
     previous = signal.signal(signal.SIGTERM, _stop_now)  # outside training a SIGTERM stops at once, one line
     try:
@@ -1088,10 +1183,21 @@ def train_command(ns) -> int:
                   f"with: {resume_command(COMMAND_ARGV)}", file=sys.stderr, flush=True)
         return EXIT_CODES[signal.SIGINT]
     except (RunError, DatasetError) as err:
-        report_error("train", err)
+        if main:
+            report_error("train", err)
         return 2
     except SaveError as err:
-        report_error("train", err)
+        if main:
+            report_error("train", err)
+        return 1
+    except Exception as err:  # anything else: a runtime failure, one line (CONSPO_DEBUG=1: the traceback too)
+        if main:
+            if os.environ.get("CONSPO_DEBUG"):
+                import traceback
+
+                traceback.print_exception(err)
+            print(f"conspo train: error: {type(err).__name__}: {' '.join(str(err).split())} (CONSPO_DEBUG=1 shows "
+                  f"the traceback)", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
