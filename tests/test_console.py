@@ -107,3 +107,16 @@ def test_the_console_of_a_short_pretrained_model_run(tmp_path):
     if degenerate:
         assert f"step {degenerate[0]}: every group of 4 completions" in warned[0]
     assert (Path(out) / "final").is_dir()
+
+
+def test_the_resume_command_repeats_the_arguments(monkeypatch):
+    from conspo.stopping import resume_command
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["train", "--output-dir", "runs/a b", "--overwrite", "--seed", "1"]
+    assert resume_command(argv) == "conspo train --output-dir 'runs/a b' --seed 1 --resume"
+    assert resume_command(["train", "--resume"]) == "conspo train --resume"
+    assert resume_command(None) == "the same train(...) call with resume=True"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resume_command(argv) == ("the same launch command (torchrun / accelerate launch) with: -m conspo.cli "
+                                    "train --output-dir 'runs/a b' --seed 1 --resume")

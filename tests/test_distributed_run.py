@@ -98,3 +98,28 @@ def test_torchrun_two_processes_write_once_and_resume_after_a_rank_is_killed(tmp
     assert resumed.stdout.count(" -> ") == 1 and resumed.stdout.count("[conspo] metrics:") == 1
     assert (out / "curves.png").is_file() and (out / "final" / "model.safetensors").is_file()
     assert not list(out.glob(".*.tmp")) and not list(out.glob(".best-*"))
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+    """SIGTERM reaches rank 1 only: the ranks agree on it at the step's end (all-reduce), both stop after the same
+    step, rank 0 saves a complete checkpoint there and names the launcher's --resume; nobody waits forever."""
+    tiny = save_tiny(tmp_path / "tiny", seed=0)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [*torchrun(tiny, out, "--save-steps", "100", "--eval-every", "0")]
+    command[command.index("--max-steps") + 1] = "50"
+    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while run.poll() is None and time.monotonic() < deadline and not loss_steps(out / "metrics.jsonl"):
+        time.sleep(0.05)
+    ranks = workers(run.pid)
+    os.kill(ranks[1], signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    stopped = [line for line in err.splitlines() if line.startswith("[conspo] stopped by SIGTERM after step ")]
+    assert len(stopped) == 1, err[-3000:]  # said once, by rank 0 (which never received the signal)
+    step = int(stopped[0].split("after step ")[1].split()[0])
+    assert step < 50 and checkpoint_problem(out / f"checkpoint-{step}") is None
+    assert loss_steps(out / "metrics.jsonl") == list(range(1, step + 1))
+    assert "the same launch command (torchrun / accelerate launch) with: -m conspo.cli train" in stopped[0]
+    assert not (out / "summary.json").exists()

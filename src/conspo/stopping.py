@@ -14,6 +14,7 @@ so a signal that reached one rank only stops them all at the same step.
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
@@ -49,6 +50,8 @@ def resume_command(argv: list[str] | None) -> str:
     kept = [a for a in argv if a != "--overwrite"]
     if "--resume" not in kept:
         kept.append("--resume")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / accelerate launch: the same launcher
+        return f"the same launch command (torchrun / accelerate launch) with: -m conspo.cli {shlex.join(kept)}"
     return shlex.join(["conspo", *kept])
 
 
