@@ -703,31 +703,24 @@ def test_the_eval_progress_bar_counts_every_sample_once(tiny_dir, monkeypatch):
 def test_training_held_out_checks_generate_to_the_runs_budget_sized_by_eval_limit(tiny_dir, tmp_path, monkeypatch):
     """Issue 14 item 16: conspo train's held-out check generates up to the configured max_completion_length (not
     the task's), on --eval-limit problems, with a progress bar."""
-    import torch
     import transformers
 
-    import conspo.trainer
     from conspo import evaluation
     from conspo.run import train
 
     calls, bars = [], []
 
-    def generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
-        calls.append((input_ids.shape[0], generation_config.max_new_tokens, generation_config.do_sample))
-        eos = torch.full((input_ids.shape[0], 1), self.config.eos_token_id, dtype=input_ids.dtype)
-        return torch.cat([input_ids, eos], dim=1)
-
     class Stop(Exception):
         pass
 
-    def trainer(**kwargs):
-        raise Stop
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
+        calls.append((input_ids.shape[0], generation_config.max_new_tokens, generation_config.do_sample))
+        raise Stop  # the first generation of the run is the held-out check before training
 
     real_progress = evaluation._progress
     monkeypatch.setattr(evaluation, "_progress", lambda total, desc, unit, enabled, initial=0: (
         bars.append((total, desc, enabled)), real_progress(total, desc, unit, False, initial))[1])
     monkeypatch.setattr(transformers.GenerationMixin, "generate", generate)
-    monkeypatch.setattr(conspo.trainer, "ConSPOTrainer", trainer)
     with pytest.raises(Stop):
         train(model=str(tiny_dir), output_dir=tmp_path / "run", max_completion_length=3, eval_limit=7,
               max_steps=2, per_device_train_batch_size=8, num_generations=4)
