@@ -8,6 +8,7 @@ never by calling ``conspo.prompts`` on both sides.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -103,9 +104,14 @@ def test_every_path_gives_the_embedded_model_the_same_prompt_ids(source, templat
         phase[0] = "conspo eval"
         return real_evaluate(*args, **kwargs)
 
-    class Trainer:
+    class Trainer:  # built as run.train builds it; stops where training would start (after the held-out check)
+        log_completions = False
+
         def __init__(self, **kwargs):
             trainer_kwargs.update(kwargs)
+            self.model = kwargs["model"]
+
+        def train(self, **kwargs):
             raise _Stop
 
     monkeypatch.setattr(registry, "get_task", get_task)
@@ -115,6 +121,8 @@ def test_every_path_gives_the_embedded_model_the_same_prompt_ids(source, templat
     monkeypatch.setattr(evaluation, "heldout_accuracy", heldout)
     monkeypatch.setattr(evaluation, "evaluate", evaluate)
     monkeypatch.setattr(conspo.trainer, "ConSPOTrainer", Trainer)
+    monkeypatch.setattr(run, "guard_checkpoint_saves", lambda trainer: None)
+    monkeypatch.setattr(run, "install_console", lambda trainer, console: None)
 
     if source == "dataset":
         data = str(_write_fixture(tmp_path / "problems.jsonl"))
@@ -123,7 +131,7 @@ def test_every_path_gives_the_embedded_model_the_same_prompt_ids(source, templat
         name = "reasoning_gym:basic_arithmetic"
         train_source, eval_source = {"task": name}, ["--task", name]
     with pytest.raises(_Stop):
-        run.train(template=template, output_dir=tmp_path / "run", **train_source)
+        run.train(template=template, output_dir=tmp_path / "run", warm_start=dataclasses.asdict(config), **train_source)
     seen.extend(("RL (TRL GRPOTrainer._tokenize_prompts)", ids) for ids in _trl_prompt_ids(trainer_kwargs))
     rc = main(["eval", "--model", str(warm_dirs[0]), *eval_source, "--template", template, "--samples", "1",
                "--k", "1", "--max-new-tokens", "2", "--backend", "transformers", "--output-dir",
