@@ -14,6 +14,12 @@ Settings are resolved in one place (:func:`plan_run`) before anything is written
 the method's preset < the ``config`` YAML < the arguments given (on the command line: the flags given explicitly).
 A preset's defining fields (``conspo.presets.DEFINING_FIELDS``) cannot be changed under its name. Everything that
 decides the run is recorded in ``run.json`` with a hash; ``--resume`` refuses a run recorded with other settings.
+
+Why this file is long: it still holds four jobs that belong apart: the plan (config values, precedence, the run
+record), the output directory (lock, refusals, ``--overwrite``), the validation-chosen ``best/`` with the callbacks,
+and the job itself with ``conspo train``'s entry point. Signals (:mod:`conspo.stopping`), processes
+(:mod:`conspo.ranks`), the console (:mod:`conspo.console`), hub checks (:mod:`conspo.hub`) and checkpoints
+(:mod:`conspo.checkpoints`) already live apart; the output directory is the next to move.
 """
 
 from __future__ import annotations
