@@ -142,6 +142,12 @@ class ConSPOConfig(GRPOConfig):
     dynamic_sampling_max_rounds: int = field(
         default=4, metadata={"help": "With dynamic_sampling: the most extra generation rounds per generation batch."}
     )
+    max_rollouts: int | None = field(
+        default=None,
+        metadata={"help": "Stop training once this many rollouts (completions, over all processes) have been "
+                  "generated, dynamic sampling's extra rounds included; max_steps still caps the run. For comparing "
+                  "methods at one generation budget. Default: no budget."},
+    )
     drop_degenerate_groups: bool = field(
         default=False,
         metadata={"help": "The paper's weaker form: degenerate groups leave the loss and its normaliser (and, for "
@@ -223,6 +229,9 @@ class ConSPOConfig(GRPOConfig):
         checks.positive("trust_region_beta", self.trust_region_beta)
         checks.positive("gmpo_epsilon_low", self.gmpo_epsilon_low)
         checks.positive("gmpo_epsilon_high", self.gmpo_epsilon_high)
+        budget = self.max_rollouts
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"max_rollouts must be a positive integer or unset, got {budget!r}")
         rounds = self.dynamic_sampling_max_rounds
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"dynamic_sampling_max_rounds must be an integer >= 1, got {rounds!r}")

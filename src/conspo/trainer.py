@@ -41,6 +41,7 @@ from conspo import auto_tau, batching
 from conspo import fast_generation as fastgen
 from conspo import objectives as obj
 from conspo.config import GROUP_COUPLED, ConSPOConfig, check_trl_internals, keep_vllm_cpu_weights_plain
+from conspo.rollout_budget import RolloutBudget
 
 logger = logging.getLogger("conspo.trainer")
 
@@ -70,6 +71,8 @@ class ConSPOTrainer(GRPOTrainer):
         self._generation_step = 0  # the optimizer step at which the buffered generation batch was generated
         self._auto_tau = auto_tau._AutoTau()
         self.add_callback(self._auto_tau)
+        self._rollout_budget = RolloutBudget(config.max_rollouts)
+        self.add_callback(self._rollout_budget)
         stale = config.stale_rollouts_warning()
         if stale:
             logger.warning(stale)
@@ -117,6 +120,8 @@ class ConSPOTrainer(GRPOTrainer):
         rank = self.accelerator.process_index
         mode = "train" if self.model.training else "eval"
         g = self.num_generations if mode == "train" else self.num_generations_eval
+        if mode == "train":  # every process generates alike (dynamic sampling's rounds are agreed over processes)
+            self._rollout_budget.count(n_local * self.accelerator.num_processes, self.state)
 
         rewards_per_func = self._rewards_per_func.to(device)
         if args.correctness_reward is not None:
