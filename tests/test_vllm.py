@@ -321,3 +321,35 @@ def test_the_trainer_keeps_vllm_cpu_weights_plain_by_itself(tmp_path, model_dir,
     assert _custom_ops._supports_onednn is False
     trainer.train()  # the weight sync before the first generation would raise with packed weights
     assert trainer.state.global_step == 1
+
+
+# ------------------------------------------------------------------------------ conspo eval's vLLM backend on a CPU
+
+
+def test_eval_backend_vllm_on_cpu_matches_transformers_greedy(tmp_path, model_dir):
+    """``--backend vllm`` runs on a CPU (vllm-cpu, float32, no per-request seeds): greedy completions and every
+    metric equal the transformers backend's on the same problems, and sampling gives k samples per problem."""
+    from conspo.evaluation import choose_backend, evaluate
+    from conspo.loading import load_model
+    from conspo.tasks.base import Task
+
+    def last_digit_parity(completion: str, answer: str):
+        from conspo.rewards.base import VerifyResult
+
+        digits = [c for c in completion if c.isdigit()]
+        ok = bool(digits) and int(digits[-1]) % 2 == int(answer)
+        return VerifyResult(score=float(ok), extracted=digits[-1] if digits else None, reason="match" if ok else "x")
+
+    problems = [{"question": f"{i % 10}+{i // 10}=", "answer": str(i % 2)} for i in range(12)]
+    task = Task(name="parity", train=problems, test=problems, verifier=last_digit_parity, instruction="",
+                max_completion_length=6)
+    assert choose_backend("vllm") == "vllm"
+    llm, tokenizer = load_model(str(model_dir), backend="vllm")
+    reference, ref_tok = load_model(str(model_dir))
+    records, summary = evaluate(llm, tokenizer, task, samples=1, ks=[1], temperature=0.0, progress=False)
+    ref_records, ref_summary = evaluate(reference, ref_tok, task, samples=1, ks=[1], temperature=0.0, progress=False)
+    assert [r["completion"] for r in records] == [r["completion"] for r in ref_records]
+    assert summary["overall"] == ref_summary["overall"]
+    sampled, result = evaluate(llm, tokenizer, task, samples=4, ks=[1, 4], temperature=1.0, progress=False)
+    assert len(sampled) == 4 * len(problems) and result["overall"]["samples"] == 4 * len(problems)
+    assert 0.0 <= result["overall"]["avg@1"] <= result["overall"]["pass@4"] <= 1.0

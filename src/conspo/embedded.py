@@ -1,5 +1,8 @@
 """The embedded default model: a character-level tokenizer, a tiny Qwen2 and its supervised warm start.
 
+Why this file is long: the tokenizer, the model shapes, the imperfect teacher, the supervised loop and the cache
+that keys all of them are one unit; a change to any of them changes the cached model.
+
 Not a task (it lives outside ``tasks/``): the model ``conspo train`` uses without ``--model``. Its RL settings are
 ``conspo.presets.DEFAULT_RL``; its validation accuracy is ``conspo.evaluation.greedy_accuracy``.
 

