@@ -25,3 +25,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A one-layer model of the embedded model's shape family and its character tokenizer, saved once per module
+    (conspo.embedded's factory, so loaders and evaluation see what `conspo train` builds)."""
+    from conspo.embedded import TinyModelSpec, build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    spec = TinyModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("tiny")
+    build_model(tokenizer, spec, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

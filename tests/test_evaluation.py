@@ -245,19 +245,6 @@ def test_choose_backend_without_vllm():
 # ----------------------------------------------------------------------------------------------- sampling
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from conspo.embedded import TinyModelSpec, build_model, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    spec = TinyModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=64)
-    path = tmp_path_factory.mktemp("tiny")
-    build_model(tokenizer, spec, seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 class ScriptedModel:
     """Answers each prompt with a fixed continuation (token ids), like ``generate`` on a left-padded batch."""
 

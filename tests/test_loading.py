@@ -9,19 +9,6 @@ import pytest
 from conspo.loading import LoadError, check_model, load_model, load_tokenizer, plain_weights, split_gguf
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from conspo.embedded import TinyModelSpec, build_model, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    spec = TinyModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=64)
-    path = tmp_path_factory.mktemp("tiny")
-    build_model(tokenizer, spec, seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_paths_that_cannot_be_a_model_are_named_before_anything_loads(tmp_path):
     check_model(None)  # the embedded model
     check_model("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id: left to transformers
