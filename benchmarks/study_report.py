@@ -196,6 +196,14 @@ def main() -> None:
     ns = parser.parse_args()
     if not ns.root.is_dir():
         parser.error(f"{ns.root}: no such directory")
+    taus: list[float] = []
+    if ns.credit:  # checked before anything is read or written
+        if not ns.credit.is_file():
+            parser.error(f"--credit {ns.credit}: no such file (a run's batch-step<N>.json)")
+        try:
+            taus = [float(t) for t in ns.credit_taus.split(",") if t.strip()]
+        except ValueError:
+            parser.error(f"--credit-taus {ns.credit_taus!r}: give comma-separated numbers, e.g. 10,0.269")
     variants = read_variants(ns.root)
     if not variants:
         parser.error(f"{ns.root}: no finished runs (<part>/<method>/seed<k>/summary.json)")
@@ -206,7 +214,6 @@ def main() -> None:
         ns.figures.mkdir(parents=True, exist_ok=True)
         figure(variants, ns.figures / f"{ns.prefix}_heldout.png", f"{ns.root}: held-out accuracy (mean over seeds)")
         if ns.credit:
-            taus = [float(t) for t in ns.credit_taus.split(",") if t.strip()]
             credit_figure(ns.credit, taus, ns.figures / f"{ns.prefix}_credit.png")
 
 

@@ -389,7 +389,8 @@ def heldout_accuracy(model, tokenizer, task: Task, *, template: str = "plain", l
 
 
 def _sample_vllm(llm, prompts, indices, samples, *, temperature, top_p, max_new_tokens, seed, eos_ids):
-    """``prompts``: token ids per problem, passed to vLLM as they are; request ``i`` seeded from ``indices[i]``."""
+    """``prompts``: token ids per problem, passed to vLLM as they are; on a GPU request ``i`` is seeded from
+    ``indices[i]``, on a CPU by the engine's seed (see below)."""
     import torch
     from vllm import SamplingParams
 
