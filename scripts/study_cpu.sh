@@ -4,6 +4,7 @@
 # tau sweep, 3 seeds each, paired by seed; then the paper's sampling protocol (temperature 0.6, top-p 0.95,
 # 32 samples) on every run's validation-chosen checkpoint. Finished runs are reused, so rerunning resumes.
 #   TASK=arithmetic OUT=runs/study2/bare SEEDS=3 bash scripts/study_cpu.sh
+# PARTS picks the parts (in order), METHODS the methods of the first part, BUDGET the generated rollouts per run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -12,11 +13,12 @@ OUT=${OUT:-runs/study2/$TASK}
 SEEDS=${SEEDS:-3}
 BUDGET=${BUDGET:-15360}            # 60 steps x 32 prompts x 8 rollouts
 PARTS=${PARTS:-methods tau_auto ablations taus eval}
+METHODS=${METHODS:-conspo,disco,grpo,dr_grpo,dapo,gspo,cispo,sapo,gmpo}
 COMMON=(--task "$TASK" --seeds "$SEEDS" --eval-samples 0 --val-size 200 --max-rollouts "$BUDGET")
 
 for part in $PARTS; do
   case $part in
-    methods) $PY -m conspo.cli compare --methods conspo,disco,grpo,dr_grpo,dapo,gspo,cispo,sapo,gmpo "${COMMON[@]}" \
+    methods) $PY -m conspo.cli compare --methods "$METHODS" "${COMMON[@]}" \
                  --output-dir "$OUT/methods" ;;
     tau_auto) $PY -m conspo.cli compare --methods conspo --tau auto "${COMMON[@]}" --output-dir "$OUT/tau_auto" ;;
     ablations) $PY -m conspo.cli compare \
