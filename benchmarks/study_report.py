@@ -11,6 +11,7 @@ deviation, and whether every seed agrees in sign.
 
     python benchmarks/study_report.py runs/study2/arithmetic                 # markdown tables on stdout
     python benchmarks/study_report.py runs/study2/arithmetic --figures docs/figures --prefix study2
+    python benchmarks/study_report.py runs/smollm2 --reference conspo      # greedy (eval) and sampled: final/
 """
 
 from __future__ import annotations
@@ -64,20 +65,27 @@ def read_run(run: Path) -> dict | None:
     if "heldout_accuracy" in selection:
         out["best"] = selection["heldout_accuracy"]
         out["best_step"] = selection.get("best_step")
-    sampled = run / "eval_paper" / "eval_summary.json"
-    if sampled.is_file():
-        result = json.loads(sampled.read_text())
-        out["sampled"] = {k: v for k, v in result["overall"].items() if "@" in k}
-        out["sampled_settings"] = result.get("settings", {})
+    # the paper's sampling on best/ (study_cpu.sh), or on final/ (study_smollm2.sh, which also decodes greedily)
+    for sampled in (run / "eval_paper" / "eval_summary.json", run / "eval" / "sampled" / "eval_summary.json"):
+        if sampled.is_file():
+            result = json.loads(sampled.read_text())
+            out["sampled"] = {k: v for k, v in result["overall"].items() if "@" in k}
+            out["sampled_settings"] = result.get("settings", {})
+    greedy = run / "eval" / "greedy" / "eval_summary.json"
+    if greedy.is_file():
+        out["greedy_eval"] = json.loads(greedy.read_text())["overall"]["avg@1"]
     return out
 
 
 def read_variants(root: Path) -> dict[str, list[dict]]:
+    """``<part>/<method>/seed<k>`` runs (study_cpu.sh), named ``part/method``; or ``<method>/seed<k>`` runs
+    (study_smollm2.sh), named ``method``."""
     variants: dict[str, list[dict]] = {}
-    for method_dir in sorted(p for p in root.glob("*/*") if p.is_dir() and any(p.glob("seed*"))):
+    for method_dir in sorted(p for p in [*root.glob("*"), *root.glob("*/*")] if p.is_dir() and any(p.glob("seed*"))):
         runs = [r for r in (read_run(s) for s in sorted(method_dir.glob("seed*"))) if r is not None]
         if runs:
-            variants[f"{method_dir.parent.name}/{method_dir.name}"] = sorted(runs, key=lambda r: r["seed"])
+            name = method_dir.name if method_dir.parent == root else f"{method_dir.parent.name}/{method_dir.name}"
+            variants[name] = sorted(runs, key=lambda r: r["seed"])
     return variants
 
 
@@ -105,21 +113,25 @@ def _sampled(run: dict, name: str) -> float | None:
 def table(variants: dict[str, list[dict]], reference: str) -> str:
     ks = sorted({k for runs in variants.values() for r in runs for k in r.get("sampled", {})},
                 key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
+    evals = any("greedy_eval" in r for runs in variants.values() for r in runs)
     head = ["variant", "seeds", "rollouts", "steps", "greedy before", "greedy after", "Δ vs ref (paired)",
-            "val-chosen ckpt", "Δ vs ref (paired)", *ks]
+            "val-chosen ckpt", "Δ vs ref (paired)", *(["greedy (eval)", "Δ vs ref (paired)"] if evals else []), *ks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref = variants.get(reference, [])
     for name, runs in variants.items():
         cells = [name, str(len(runs)), f"{statistics.mean(r['generated'] for r in runs):.0f}",
                  f"{statistics.mean(r['steps'] for r in runs):.0f}",
                  _pct(*_mean_sd([r["before"] for r in runs])), _pct(*_mean_sd([r["after"] for r in runs]))]
-        for key in ("after", "best"):
-            if key == "best":
-                cells.append(_pct(*_mean_sd([r["best"] for r in runs if "best" in r])))
+        for key in ("after", "best", *(["greedy_eval"] if evals else [])):
+            if key != "after":
+                cells.append(_pct(*_mean_sd([r[key] for r in runs if key in r])))
             d = paired(runs, ref, lambda r, key=key: r.get(key)) if name != reference else None
             cells.append("-" if d is None else f"{100 * d[0]:+.1f} ± {100 * d[1]:.1f} ({d[2]})")
         for k in ks:
             cells.append(_pct(*_mean_sd([v for v in (_sampled(r, k) for r in runs) if v is not None])))
+            d = paired(runs, ref, lambda r, k=k: _sampled(r, k)) if name != reference and evals else None
+            if d is not None:
+                cells[-1] += f" ({100 * d[0]:+.1f} ± {100 * d[1]:.1f} {d[2]})"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
