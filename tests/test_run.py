@@ -26,6 +26,7 @@ from conspo.run import (  # noqa: E402
     RUN_FILE,
     SELECTION_RULE,
     BestCheckpoint,
+    RunError,
     plan_run,
     split_namespace,
     validation_split,
@@ -271,6 +272,23 @@ def test_every_config_field_is_a_flag_and_only_given_flags_count():
     text = " ".join(parser.format_help().split())
     assert "--tau TAU Temperature of the contrast" in text and "--use_vllm" in text
     assert "conspo's default: 0.0001 with the embedded model, 1e-06 with --model" in text
+
+
+def test_train_takes_plan_runs_settings_and_refuses_unknown_ones_before_writing(tmp_path):
+    import inspect
+
+    from conspo.run import train
+
+    shown = inspect.signature(train).parameters
+    planned = inspect.signature(plan_run).parameters
+    assert list(shown)[: len(planned) - 1] == list(planned)[:-1]  # every setting, in plan_run's order
+    assert [shown[n].default for n in ("resume", "overwrite", "strict_rewards")] == [False, False, False]
+    assert shown["eval_limit"].default == 500 and list(shown)[-1] == "overrides"
+    with pytest.raises(RunError, match="no_such_field"):
+        train(output_dir=tmp_path / "run", no_such_field=1)
+    with pytest.raises(RunError, match="unknown method 'nope'"):
+        train(method="nope", output_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_bad_field_value_is_one_line_before_anything(tmp_path, monkeypatch, capsys):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -828,51 +829,21 @@ def _callbacks(metrics_path: Path, evaluate, eval_every: int, best: BestCheckpoi
 # ----------------------------------------------------------------------------------------------- the job
 
 
-def train(
-    *,
-    method: str = "conspo",
-    task: str | None = None,
-    dataset: str | None = None,
-    question_field: str | None = None,
-    answer_field: str | None = None,
-    template: str | None = None,
-    model: str | None = None,
-    config: str | Path | dict | None = None,
-    output_dir: str | Path | None = None,
-    seed: int | None = None,
-    max_steps: int | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    report_to: str | None = None,
-    lora: bool = False,
-    lora_r: int = 16,
-    eval_limit: int | None = 500,
-    eval_every: int | None = None,
-    val_size: int = 0,
-    gguf_file: str | None = None,
-    difficulty: str | None = None,
-    task_options: dict | None = None,
-    embedded_scale: str | None = None,
-    warm_start: dict | None = None,
-    warm_start_seconds: float | None = None,
-    strict_rewards: bool = False,
-    **overrides: Any,
-) -> dict[str, Any]:
+def train(*, resume: bool = False, overwrite: bool = False, strict_rewards: bool = False,
+          **options: Any) -> dict[str, Any]:
     """Train, evaluate before and after, save; returns the summary also written to ``summary.json``.
 
-    ``config`` is a YAML path or a dict of ConSPOConfig fields; ``seed``, ``max_steps``, ``report_to``,
-    ``output_dir`` and ``overrides`` (config fields) given here win over it (None: not given). ``val_size`` > 0
-    sets that many train problems aside as a validation split, evaluated with the held-out problems; the
-    checkpoint with the best validation accuracy is kept in ``best/`` and its test accuracy reported.
+    ``options`` are :func:`plan_run`'s parameters (``method``, ``task``, ``model``, ``config``, ``output_dir``,
+    ``seed``, ``max_steps`` ... and config fields); ``inspect.signature(train)`` lists them all. ``config`` is a
+    YAML path or a dict of ConSPOConfig fields; ``seed``, ``max_steps``, ``report_to``, ``output_dir`` and config
+    fields given here win over it (None: not given). ``val_size`` > 0 sets that many train problems aside as a
+    validation split, evaluated with the held-out problems; the checkpoint with the best validation accuracy is
+    kept in ``best/`` and its test accuracy reported. ``resume`` continues the run recorded in ``output_dir``,
+    ``overwrite`` replaces it, ``strict_rewards`` makes a reward function's failure stop the run.
     Everything is checked (:func:`plan_run`, :func:`check_output_dir`) before anything is written, the warm start
     or the model load begins.
     """
-    plan = plan_run(method=method, task=task, dataset=dataset, question_field=question_field,
-                    answer_field=answer_field, template=template, model=model, config=config, output_dir=output_dir,
-                    seed=seed, max_steps=max_steps, report_to=report_to, lora=lora, lora_r=lora_r,
-                    eval_limit=eval_limit, eval_every=eval_every, val_size=val_size, gguf_file=gguf_file,
-                    difficulty=difficulty, task_options=task_options, embedded_scale=embedded_scale,
-                    warm_start=warm_start, warm_start_seconds=warm_start_seconds, **overrides)
+    plan = plan_run(**options)
     main = ranks.is_main()
     made = [p for p in (plan.output_dir, *plan.output_dir.parents) if not p.exists()]  # deepest first
     lock = RunLock(plan.output_dir)
@@ -908,6 +879,16 @@ def train(
                     path.rmdir()
                 except OSError:
                     break
+
+
+def _train_signature() -> inspect.Signature:
+    """plan_run's keyword parameters (its ``**overrides`` last), with train's own before them."""
+    planned = list(inspect.signature(plan_run).parameters.values())
+    own = [p for name, p in inspect.signature(train).parameters.items() if name != "options"]
+    return inspect.Signature([*planned[:-1], *own, planned[-1]], return_annotation=dict[str, Any])
+
+
+train.__signature__ = _train_signature()  # one list of settings (plan_run's), shown by help() and IDEs
 
 
 def _run(plan: RunPlan, action: str, *, resume: bool, strict_rewards: bool) -> dict[str, Any]:
