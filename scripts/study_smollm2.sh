@@ -7,6 +7,7 @@
 # and finished evaluations (eval_summary.json) are skipped, so rerunning resumes.
 #   CPU=0 MODEL=/tmp/smol/hf METHODS="conspo grpo" SEEDS="0 1 2" STEPS=6 bash scripts/study_smollm2.sh
 # CPU=0 pins the whole study to core 0 (taskset and vLLM's OpenMP binding), so another job can have core 1.
+# EVAL=0 only trains; TRAIN=0 only evaluates the runs that have finished (a second process on the other core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv-vllm/bin/python}
@@ -55,11 +56,11 @@ sampled() {  # SAMPLES samples per problem at the paper's sampling (temperature 
 }
 
 # Training and greedy evaluation first, the (slower) sampled evaluation after every run has trained.
-greedy "$MODEL" "$OUT/base_eval"
+if [ "${EVAL:-1}" = 1 ]; then greedy "$MODEL" "$OUT/base_eval"; fi
 for seed in ${SEEDS:-0 1 2}; do
   for method in ${METHODS:-conspo grpo}; do
     run="$OUT/$method/seed$seed"
-    if [ ! -f "$run/summary.json" ]; then
+    if [ "${TRAIN:-1}" = 1 ] && [ ! -f "$run/summary.json" ]; then
       flag=--overwrite; [ -d "$run" ] && flag=--resume
       "${PIN[@]}" $PY -m conspo.cli train --model "$MODEL" --dataset "$DATA" --template chat --method "$method" \
           --seed "$seed" --max-steps "$STEPS" --per-device-train-batch-size "${BATCH:-32}" --num-generations 8 \
@@ -67,13 +68,14 @@ for seed in ${SEEDS:-0 1 2}; do
           --eval-every 0 --use-vllm --vllm-mode colocate --vllm-enable-sleep-mode False \
           --vllm-max-model-length 512 --output-dir "$run" $flag
     fi
-    greedy "$run/final" "$run/eval"
+    if [ "${EVAL:-1}" = 1 ] && [ -f "$run/summary.json" ]; then greedy "$run/final" "$run/eval"; fi
   done
 done
-[ "$SAMPLES" -gt 0 ] || exit 0
+if [ "${EVAL:-1}" != 1 ] || [ "$SAMPLES" -le 0 ]; then exit 0; fi
 sampled "$MODEL" "$OUT/base_eval"
 for seed in ${SEEDS:-0 1 2}; do
   for method in ${METHODS:-conspo grpo}; do
-    sampled "$OUT/$method/seed$seed/final" "$OUT/$method/seed$seed/eval"
+    run="$OUT/$method/seed$seed"
+    if [ -f "$run/summary.json" ]; then sampled "$run/final" "$run/eval"; fi
   done
 done
