@@ -72,10 +72,10 @@ for seed in ${SEEDS:-0 1 2}; do
   done
 done
 if [ "${EVAL:-1}" != 1 ] || [ "$SAMPLES" -le 0 ]; then exit 0; fi
-sampled "$MODEL" "$OUT/base_eval"
 for seed in ${SEEDS:-0 1 2}; do
   for method in ${METHODS:-conspo grpo}; do
     run="$OUT/$method/seed$seed"
     if [ -f "$run/summary.json" ]; then sampled "$run/final" "$run/eval"; fi
   done
 done
+sampled "$MODEL" "$OUT/base_eval"  # last: the base model's completions are the longest
