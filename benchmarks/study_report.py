@@ -129,7 +129,7 @@ def table(variants: dict[str, list[dict]], reference: str) -> str:
             cells.append("-" if d is None else f"{100 * d[0]:+.1f} ± {100 * d[1]:.1f} ({d[2]})")
         for k in ks:
             cells.append(_pct(*_mean_sd([v for v in (_sampled(r, k) for r in runs) if v is not None])))
-            d = paired(runs, ref, lambda r, k=k: _sampled(r, k)) if name != reference and evals else None
+            d = paired(runs, ref, lambda r, k=k: _sampled(r, k)) if name != reference else None
             if d is not None:
                 cells[-1] += f" ({100 * d[0]:+.1f} ± {100 * d[1]:.1f} {d[2]})"
         lines.append("| " + " | ".join(cells) + " |")
