@@ -7,7 +7,8 @@
 # and finished evaluations (eval_summary.json) are skipped, so rerunning resumes.
 #   CPU=0 MODEL=/tmp/smol/hf METHODS="conspo grpo" SEEDS="0 1 2" STEPS=6 bash scripts/study_smollm2.sh
 # CPU=0 pins the whole study to core 0 (taskset and vLLM's OpenMP binding), so another job can have core 1.
-# EVAL=0 only trains; TRAIN=0 only evaluates the runs that have finished (a second process on the other core).
+# EVAL=0 only trains; TRAIN=0 only evaluates the runs that have finished (a second process on the other core);
+# BASE=0 skips the base model's sampled evaluation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv-vllm/bin/python}
@@ -78,4 +79,4 @@ for seed in ${SEEDS:-0 1 2}; do
     if [ -f "$run/summary.json" ]; then sampled "$run/final" "$run/eval"; fi
   done
 done
-sampled "$MODEL" "$OUT/base_eval"  # last: the base model's completions are the longest
+if [ "${BASE:-1}" = 1 ]; then sampled "$MODEL" "$OUT/base_eval"; fi  # last: its completions are the longest
