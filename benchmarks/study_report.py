@@ -12,6 +12,9 @@ deviation, and whether every seed agrees in sign.
     python benchmarks/study_report.py runs/study2/arithmetic                 # markdown tables on stdout
     python benchmarks/study_report.py runs/study2/arithmetic --figures docs/figures --prefix study2
     python benchmarks/study_report.py runs/smollm2 --reference conspo      # greedy (eval) and sampled: final/
+
+For study_smollm2.sh runs the "greedy before/after" columns are training's one-problem check (--eval-limit 1);
+the held-out numbers are "greedy (eval)" and the sampled columns.
 """
 
 from __future__ import annotations
@@ -219,6 +222,8 @@ def main() -> None:
     variants = read_variants(ns.root)
     if not variants:
         parser.error(f"{ns.root}: no finished runs (<part>/<method>/seed<k>/summary.json)")
+    if ns.reference not in variants:
+        parser.error(f"--reference {ns.reference!r}: no such variant under {ns.root}; accepted: {', '.join(variants)}")
     print(table(variants, ns.reference))
     print()
     print(credit_table(variants))

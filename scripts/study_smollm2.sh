@@ -5,7 +5,8 @@
 # and greedy decoding with the vLLM backend on HELDOUT: problems whose questions are in no seed's training file.
 # Runs are interleaved seed by seed so that machine load falls on every method alike; finished runs (summary.json)
 # and finished evaluations (eval_summary.json) are skipped, so rerunning resumes.
-#   CPU=0 MODEL=/tmp/smol/hf METHODS="conspo grpo" SEEDS="0 1 2" STEPS=6 bash scripts/study_smollm2.sh
+#   CPU=0 MODEL=/tmp/smol/hf METHODS="conspo grpo" SEEDS="0 1 2" bash scripts/study_smollm2.sh
+# The defaults (STEPS=4, LR=3e-5, SAMPLES=4) are the study of docs/results.md; .venv-vllm needs reasoning-gym.
 # CPU=0 pins the whole study to core 0 (taskset and vLLM's OpenMP binding), so another job can have core 1.
 # EVAL=0 only trains; TRAIN=0 only evaluates the runs that have finished (a second process on the other core);
 # BASE=0 skips the base model's sampled evaluation.
@@ -16,7 +17,7 @@ MODEL=${MODEL:-/tmp/smol/hf}
 OUT=${OUT:-runs/smollm2}
 DATA=${DATA:-$OUT/arith.jsonl}
 HELDOUT=${HELDOUT:-$OUT/heldout.jsonl}
-STEPS=${STEPS:-12}
+STEPS=${STEPS:-4}
 SAMPLES=${SAMPLES:-4}     # 0: greedy only
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2} HF_HUB_OFFLINE=1
 PIN=()
@@ -65,7 +66,7 @@ for seed in ${SEEDS:-0 1 2}; do
       flag=--overwrite; [ -d "$run" ] && flag=--resume
       "${PIN[@]}" $PY -m conspo.cli train --model "$MODEL" --dataset "$DATA" --template chat --method "$method" \
           --seed "$seed" --max-steps "$STEPS" --per-device-train-batch-size "${BATCH:-32}" --num-generations 8 \
-          --max-completion-length 64 --learning-rate "${LR:-1e-5}" --save-steps "$STEPS" --eval-limit 1 \
+          --max-completion-length 64 --learning-rate "${LR:-3e-5}" --save-steps "$STEPS" --eval-limit 1 \
           --eval-every 0 --use-vllm --vllm-mode colocate --vllm-enable-sleep-mode False \
           --vllm-max-model-length 512 --output-dir "$run" $flag
     fi
